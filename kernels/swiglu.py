@@ -1,0 +1,17 @@
+"""Fused SiLU-and-multiply for SwiGLU MLPs: the torch reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate first, then up) -> silu(gate) * up: [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Dispatch: Triton on CUDA, the reference elsewhere."""
+    return silu_and_mul_reference(gate_up)

@@ -1,0 +1,75 @@
+"""Redis key layout and message fields shared by the worker and the operator.
+
+Every key of one InferenceService lives under ``flexllm:{service}:``; a FinetuneJob's
+keys under ``flexllm:{service}:job:{job}``. Both sides import these helpers, so the
+layout is written down exactly once.
+
+- ``requests``            stream, consumer group ``engines``: inference requests (field ``data``, JSON)
+- ``out:{request_id}``    stream: one entry per output chunk (field ``data``, JSON); expires after use
+- ``jobs``                stream, consumer group ``engines``: FinetuneJob submissions (``data``: JSON
+                          ``{"name", "namespace", "spec"}`` where ``spec`` is the CR's spec)
+- ``job:{job}``           hash: progress (see ``PROGRESS_FIELDS``)
+- ``job:{job}:cancel``    string ``"1"`` once the job is cancelled
+- ``job:{job}:versions``  list of JSON adapter versions ``{"version", "step", "loss", "uri", "time"}``
+- ``adapters``            pub/sub channel: JSON ``{"adapter", "version", "uri"}`` for every new version
+- ``replica:{replica}``   hash with a TTL: what one replica really serves (``adapters``: JSON list of
+                          ``name@vN``; ``ready``; ``updated``) — the source of ``status.loadedAdapters``
+"""
+
+from __future__ import annotations
+
+PREFIX = "flexllm"
+ENGINE_GROUP = "engines"
+PROGRESS_FIELDS = (
+    "phase",  # Pending | Queued | Running | Succeeded | Failed | Cancelled
+    "step",
+    "total_steps",
+    "loss",
+    "tokens_per_second",
+    "eta_seconds",
+    "message",
+    "updated",  # unix seconds
+)
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled")
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
+REPLICA_TTL_S = 30
+
+
+def service_prefix(service: str) -> str:
+    return f"{PREFIX}:{service}"
+
+
+def request_stream(service: str) -> str:
+    return f"{service_prefix(service)}:requests"
+
+
+def output_stream(service: str, request_id: str) -> str:
+    return f"{service_prefix(service)}:out:{request_id}"
+
+
+def job_stream(service: str) -> str:
+    return f"{service_prefix(service)}:jobs"
+
+
+def job_progress(service: str, job: str) -> str:
+    return f"{service_prefix(service)}:job:{job}"
+
+
+def job_cancel_flag(service: str, job: str) -> str:
+    return f"{job_progress(service, job)}:cancel"
+
+
+def job_versions(service: str, job: str) -> str:
+    return f"{job_progress(service, job)}:versions"
+
+
+def adapter_channel(service: str) -> str:
+    return f"{service_prefix(service)}:adapters"
+
+
+def replica_state(service: str, replica: str) -> str:
+    return f"{service_prefix(service)}:replica:{replica}"
+
+
+def replica_pattern(service: str) -> str:
+    return f"{service_prefix(service)}:replica:*"
