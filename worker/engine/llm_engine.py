@@ -1,0 +1,191 @@
+"""The engine: ``add_request`` / ``step`` / ``abort`` for the serving loop, ``generate`` offline."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flexllm.worker.engine.block_manager import BlockManager
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.loader import load_checkpoint, resolve_model
+from flexllm.worker.engine.lora import LoRAManager
+from flexllm.worker.engine.model import CausalLM, ModelArgs
+from flexllm.worker.engine.model_runner import ModelRunner
+from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.engine.sampling import SamplingParams, sample
+from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
+from flexllm.worker.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def build_model(source: str, dtype: torch.dtype, device: torch.device):
+    """Model source -> (CausalLM on device, tokenizer, HF config, resolved path)."""
+    path = resolve_model(source)
+    hf_config, state, tokenizer = load_checkpoint(path)
+    args = ModelArgs.from_hf_config(hf_config)
+    with torch.device("meta"):
+        model = CausalLM(args, hf_config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary = model.rotary.__class__(hf_config, args.head_dim).to(device)  # fp32 inv_freq
+    model.load_hf_state_dict(state)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, hf_config, path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        self.config = config or EngineConfig(**overrides)
+        device, dtype = self.config.torch_device, self.config.torch_dtype
+        self.model, self.tokenizer, self.hf_config, self.model_path = build_model(self.config.model, dtype, device)
+        args = self.model.args
+        self.max_model_len = min(self.config.max_model_len or args.max_position_embeddings,
+                                 args.max_position_embeddings)
+        self.runner = ModelRunner(self.model, self.config)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.lora_manager = LoRAManager(self.model, self.config.max_loras, self.config.max_lora_rank)
+        self.scheduler = Scheduler(self.block_manager, self.lora_manager,
+                                   self.config.max_tokens_per_batch, self.config.max_num_seqs)
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)
+        self.requests: dict[str, Sequence] = {}
+
+    # -- adapters ---------------------------------------------------------------------------
+    def add_lora(self, name: str, folder: str | Path) -> None:
+        self.lora_manager.register(name, folder)
+
+    def remove_lora(self, name: str) -> None:
+        self.lora_manager.unregister(name)
+
+    def list_loras(self) -> list[str]:
+        return sorted(self.lora_manager.registry)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora: str | None = None) -> None:
+        """Queue a request; raises ``ValueError`` (bad prompt/params) or ``UnknownAdapterError``."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.model.args.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model.args.vocab_size})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model context of {self.max_model_len} tokens")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise ValueError(f"request needs {total} tokens of KV cache but the pool holds {capacity}")
+        if lora is not None:
+            self.lora_manager.check(lora)
+        seq = Sequence(request_id, token_ids, params, lora_name=lora)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self, token_budget: int | None = None) -> list[RequestOutput]:
+        """Schedule, run one forward, sample: outputs for every request that advanced."""
+        batch = self.scheduler.schedule(token_budget)
+        if not batch.seqs:
+            return []
+        logits = self.runner.execute(batch)
+        return self.process_outputs(batch, logits)
+
+    def process_outputs(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
+        """Advance ``num_computed_tokens``, sample the sequences due a token, check stop rules."""
+        due = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:
+                due.append(seq)
+        sampled = sample(logits, [s.params for s in due], [s.generator for s in due])
+        now = time.monotonic()
+        outputs = []
+        for seq, token in zip(due, sampled, strict=True):
+            seq.token_ids.append(token.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(token)
+            self._check_stop(seq, token.token_id)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        p = seq.params
+        reason = None
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        if token_id in stop_ids:
+            reason = "stop"
+            seq.output_text = self._decode(seq.output_token_ids[:-1])
+        else:
+            seq.output_text = self._decode(seq.output_token_ids)
+            hits = [i for i in (seq.output_text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                reason = "stop"
+                seq.output_text = seq.output_text[: min(hits)]
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.requests.pop(seq.request_id, None)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        # Hold back text that may still grow into a stop string.
+        hold = 0 if seq.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        visible = max(seq.sent_text_len, len(seq.output_text) - hold)
+        delta_text = seq.output_text[seq.sent_text_len:visible]
+        seq.sent_text_len = visible
+        ids = seq.output_token_ids
+        delta_ids = ids[seq.sent_token_len:]
+        seq.sent_token_len = len(ids)
+        return RequestOutput(
+            request_id=seq.request_id, text=seq.output_text, token_ids=list(ids), delta_text=delta_text,
+            delta_token_ids=delta_ids, finished=seq.finished, finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, logprobs=list(seq.logprobs),
+            arrival_time=seq.arrival_time, first_token_time=seq.first_token_time,
+        )
+
+    # -- offline ----------------------------------------------------------------------------
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 lora: str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion (as vLLM's ``LLM.generate``); outputs in prompt order."""
+        params_list = list(params) if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
+        ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p, lora)
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[rid] for rid in ids]
+
+
+def _eos_ids(tokenizer, hf_config) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(hf_config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    return ids

@@ -1,0 +1,163 @@
+"""Multi-LoRA serving: adapters in the PEFT format loaded into stacked slots, LRU-evicted.
+
+Each ``LoRALinear`` of the model holds, per target module name, ``lora_a`` [S, R, in],
+``lora_b`` [S, out, R] and ``lora_scaling`` [S] for ``S = max_loras`` slots of rank ``R =
+max_lora_rank`` (smaller ranks are zero-padded). A request's tokens carry its slot index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}(@v[0-9]+)?$")
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @classmethod
+    def read(cls, folder: Path) -> AdapterConfig:
+        path = folder / "adapter_config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter: adapter_config.json is missing")
+        raw = json.loads(path.read_text())
+        if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+            raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
+        targets = raw.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"{folder}: unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+        return cls(int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), tuple(targets),
+                   bool(raw.get("use_rslora", False)))
+
+
+def validate_adapter_name(name: str) -> str:
+    if not ADAPTER_NAME.match(name):
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (optional @vN)")
+    return name
+
+
+def _target_layers(model: CausalLM) -> dict[str, list[LoRALinear]]:
+    """Target module name -> the LoRALinear of each layer that holds it."""
+    targets: dict[str, list[LoRALinear]] = {name: [] for name in LORA_TARGETS}
+    for layer in model.layers:
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            for name in module.out_slices:
+                targets[name].append(module)
+    return targets
+
+
+class LoRAManager:
+    """Registered adapters (name -> folder) and ``max_loras`` device slots with LRU eviction."""
+
+    def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.targets = _target_layers(model)
+        self.registry: dict[str, tuple[Path, AdapterConfig]] = {}
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # loaded adapters, least recently used first
+        self.pins = [0] * max_loras
+        param = model.embed_tokens.weight
+        for name, modules in self.targets.items():
+            for module in modules:
+                start, end = module.out_slices[name]
+                module.lora_a[name] = param.new_zeros(max_loras, max_lora_rank, module.in_features)
+                module.lora_b[name] = param.new_zeros(max_loras, end - start, max_lora_rank)
+                module.lora_scaling[name] = param.new_zeros(max_loras)
+
+    def register(self, name: str, folder: str | Path) -> AdapterConfig:
+        """Make ``name`` servable from a PEFT folder; checks its config now, loads on first use."""
+        validate_adapter_name(name)
+        folder = Path(folder)
+        config = AdapterConfig.read(folder)
+        if config.rank > self.max_lora_rank:
+            raise ValueError(f"adapter {name!r} has rank {config.rank} > max_lora_rank {self.max_lora_rank}")
+        if not (folder / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(f"{folder}: adapter_model.safetensors is missing")
+        self.registry[name] = (folder, config)
+        return config
+
+    def unregister(self, name: str) -> None:
+        self.registry.pop(name, None)
+        slot = self.slot_of.get(name)
+        if slot is not None and self.pins[slot] == 0:
+            del self.slot_of[name]
+
+    def check(self, name: str) -> None:
+        if name not in self.registry:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded; known: {sorted(self.registry)}")
+
+    def acquire(self, name: str) -> int | None:
+        """Pin ``name`` into a slot (loading it, evicting the LRU unpinned one); None if all are pinned."""
+        self.check(name)
+        slot = self.slot_of.get(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+            self.slot_of[name] = slot
+        self.slot_of.move_to_end(name)
+        self.pins[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.pins[slot] -= 1
+
+    def _free_slot(self) -> int | None:
+        used = set(self.slot_of.values())
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        for name, slot in self.slot_of.items():  # least recently used first
+            if self.pins[slot] == 0:
+                del self.slot_of[name]
+                return slot
+        return None
+
+    def _load(self, name: str, slot: int) -> None:
+        from safetensors.torch import load_file
+
+        folder, config = self.registry[name]
+        weights = load_file(folder / "adapter_model.safetensors")
+        for target, modules in self.targets.items():
+            for module in modules:
+                module.lora_a[target][slot].zero_()
+                module.lora_b[target][slot].zero_()
+                module.lora_scaling[target][slot] = config.scaling if target in config.target_modules else 0.0
+        r = config.rank
+        for key, tensor in weights.items():
+            match = _PEFT_KEY.search(key)
+            if match is None:
+                raise ValueError(f"adapter {name!r}: unexpected weight {key!r}")
+            layer, target, which = int(match[1]), match[2], match[3]
+            module = self.targets[target][layer]
+            if which == "A":  # [r, in]
+                module.lora_a[target][slot, :r].copy_(tensor)
+            else:  # [out, r]
+                module.lora_b[target][slot, :, :r].copy_(tensor)

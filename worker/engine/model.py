@@ -1,0 +1,233 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a flat token batch and a paged KV cache.
+
+Parameter names follow Hugging Face's, except that q/k/v and gate/up projections are merged
+into ``qkv_proj`` and ``gate_up_proj`` (one GEMM each); ``load_hf_state_dict`` merges them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexllm.kernels import lora_expand, lora_shrink, paged_attention, rms_norm, silu_and_mul
+from flexllm.worker.engine.context import LoRABatch, StepContext
+
+# architecture name -> whether q/k/v projections carry a bias
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": None, "MistralForCausalLM": None, "Qwen2ForCausalLM": True}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a decoder, read from a Hugging Face config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelArgs:
+        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}: supported are {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        qkv_bias = SUPPORTED_ARCHITECTURES[arch]
+        if qkv_bias is None:
+            qkv_bias = bool(getattr(config, "attention_bias", False))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            qkv_bias=qkv_bias,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class LoRALinear(nn.Linear):
+    """A frozen linear whose output slices (e.g. q, k, v) may each carry stacked LoRA slots.
+
+    ``lora_a[name]`` [S, R, in], ``lora_b[name]`` [S, out_slice, R], ``lora_scaling[name]`` [S];
+    the per-token slot index comes with the step's ``LoRABatch``.
+    """
+
+    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool = False):
+        super().__init__(in_features, sum(out_sizes.values()), bias=bias)
+        self.out_slices: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in out_sizes.items():
+            self.out_slices[name] = (offset, offset + size)
+            offset += size
+        self.lora_a: dict[str, torch.Tensor] = {}
+        self.lora_b: dict[str, torch.Tensor] = {}
+        self.lora_scaling: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [T, out]
+        if lora is not None:
+            for name, lora_a in self.lora_a.items():
+                start, end = self.out_slices[name]
+                xa = lora_shrink(x, lora_a, lora.indices)  # [T, R]
+                lora_expand(y[:, start:end], xa, self.lora_b[name], lora.indices, self.lora_scaling[name])
+        return y
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with Hugging Face's frequency and scaling rules (default, linear, llama3, yarn, ...)."""
+
+    def __init__(self, hf_config, head_dim: int):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scaling = float(scaling)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D/2] in ``dtype``."""
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        cos = (freqs.cos() * self.attention_scaling).to(dtype)
+        sin = (freqs.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos/sin [T, 1, D/2] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.qkv_proj = LoRALinear(
+            args.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=args.qkv_bias
+        )
+        self.o_proj = LoRALinear(q_size, {"o_proj": args.hidden_size})
+        self.scale = args.head_dim**-0.5
+        self.k_cache = torch.empty(0)  # [num_blocks, block_size, H_kv, D], set by the model runner
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x, ctx.lora).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H_q, D]
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, H_kv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+        out = paged_attention(
+            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.context_lens, self.scale
+        )
+        return self.o_proj(out.reshape(T, -1), ctx.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        size = args.intermediate_size
+        self.gate_up_proj = LoRALinear(args.hidden_size, {"gate_proj": size, "up_proj": size})
+        self.down_proj = LoRALinear(size, {"down_proj": args.hidden_size})
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, lora)), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.Parameter(torch.ones(args.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(args.hidden_size))
+        self.eps = args.rms_norm_eps
+
+    def forward(self, x, residual, cos, sin, ctx: StepContext):
+        h, residual = rms_norm(x, self.input_layernorm, self.eps, residual)
+        h = self.self_attn(h, cos, sin, ctx)
+        h, residual = rms_norm(h, self.post_attention_layernorm, self.eps, residual)
+        return self.mlp(h, ctx.lora), residual
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head; ``forward`` returns hidden states [T, H] of the flat batch."""
+
+    def __init__(self, args: ModelArgs, hf_config):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.rotary = RotaryEmbedding(hf_config, args.head_dim)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary.cos_sin(ctx.positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, ctx)
+        x, _ = rms_norm(x, self.norm, self.args.rms_norm_eps, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, V] in fp32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a Hugging Face ``*ForCausalLM`` state dict in, merging q/k/v and gate/up."""
+        own = self.state_dict()
+        merged = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        for name, target in own.items():
+            hf = _hf_name(name)
+            parent, _, leaf = hf.rpartition(".")
+            module = parent.rpartition(".")[2]
+            if module in merged:
+                base = parent.rpartition(".")[0]
+                parts = [state[f"{base}.{p}.{leaf}"] for p in merged[module]]
+                source = torch.cat(parts, dim=0)
+            else:
+                source = state[hf]
+            if source.shape != target.shape:
+                raise ValueError(f"weight {hf}: shape {tuple(source.shape)} != expected {tuple(target.shape)}")
+            target.copy_(source)
+
+
+def _hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face one (norms are bare parameters here)."""
+    if name.startswith("lm_head."):
+        return name
+    if name.endswith(("input_layernorm", "post_attention_layernorm")) or name == "norm":
+        name += ".weight"
+    return "model." + name

@@ -1,0 +1,79 @@
+"""Owns the model and its KV cache; turns a scheduled batch into one forward pass."""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.context import LoRABatch, StepContext
+from flexllm.worker.engine.model import CausalLM
+from flexllm.worker.engine.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+CPU_KV_CAP_BYTES = 4 << 30
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, config: EngineConfig):
+        self.model, self.config = model, config
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        args = model.args
+        self.block_size = config.block_size
+        bytes_per_block = 2 * args.num_layers * config.block_size * args.num_kv_heads * args.head_dim
+        bytes_per_block *= torch.finfo(self.dtype).bits // 8
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(bytes_per_block)
+        # [L, 2, num_blocks, block_size, H_kv, D]
+        self.kv_cache = torch.zeros(args.num_layers, 2, self.num_blocks, config.block_size,
+                                    args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        log.info("kv cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
+                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    def _blocks_that_fit(self, bytes_per_block: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = min(psutil.virtual_memory().available, CPU_KV_CAP_BYTES)
+        return max(1, int(free * self.config.kv_cache_fraction) // bytes_per_block)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext, list[int]]:
+        """-> input_ids [T], the step context, and the flat rows whose logits are sampled."""
+        input_ids, positions, slots, starts, context_lens, lora_idx, sample_rows = [], [], [], [0], [], [], []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table, bs = seq.block_table, self.block_size
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(starts[-1] + num_new)
+            context_lens.append(end)
+            lora_idx.extend([seq.lora_slot] * num_new)
+            if end == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+
+        def tensor(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        lora = LoRABatch(tensor(lora_idx)) if any(i >= 0 for i in lora_idx) else None
+        ctx = StepContext(
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
+            block_tables=tensor(tables, torch.int32),
+            query_start_loc=tensor(starts, torch.int32),
+            context_lens=tensor(context_lens, torch.int32),
+            lora=lora,
+        )
+        return tensor(input_ids), ctx, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """One forward over the batch -> logits [N, V] (fp32) for sequences due a new token."""
+        input_ids, ctx, sample_rows = self.prepare(batch)
+        hidden = self.model(input_ids, ctx)  # [T, H]
+        return self.model.compute_logits(hidden[sample_rows])
