@@ -5,12 +5,14 @@ Layout: ``k_cache``/``v_cache`` [num_blocks, block_size, H_kv, D]; ``block_table
 lengths over the flat token batch); ``context_lens`` [B] (int32, tokens in the cache for each
 sequence *including* this step's queries, whose K/V the caller has already written).
 Query i of sequence b sits at position ``context_lens[b] - q_len_b + i`` and sees keys up to it.
+The Triton kernel lives in triton_ops/paged_attention.py.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from flexllm.kernels._dispatch import use_triton
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -85,4 +87,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Dispatch: Triton on CUDA, the reference elsewhere."""
+    if use_triton(q):
+        from flexllm.kernels.triton_ops.paged_attention import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)

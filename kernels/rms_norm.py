@@ -1,8 +1,9 @@
-"""Fused residual-add + RMSNorm: the torch reference (the Triton kernel joins it here)."""
+"""Fused residual-add + RMSNorm: the torch reference and the dispatcher (kernel: triton_ops/rms_norm.py)."""
 
 from __future__ import annotations
 
 import torch
+from flexllm.kernels._dispatch import use_triton
 
 
 def rms_norm_reference(
@@ -20,4 +21,8 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: Triton on CUDA, the reference elsewhere."""
+    if use_triton(x):
+        from flexllm.kernels.triton_ops.rms_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_reference(x, weight, eps, residual)

@@ -1,9 +1,10 @@
-"""Fused SiLU-and-multiply for SwiGLU MLPs: the torch reference."""
+"""Fused SiLU-and-multiply for SwiGLU MLPs: torch reference and dispatcher (kernel: triton_ops/swiglu.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from flexllm.kernels._dispatch import use_triton
 
 
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
@@ -14,4 +15,8 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """Dispatch: Triton on CUDA, the reference elsewhere."""
+    if use_triton(gate_up):
+        from flexllm.kernels.triton_ops.swiglu import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate_up)
     return silu_and_mul_reference(gate_up)
