@@ -9,6 +9,7 @@ differentiable LoRA branch of the trainable adapter, its backward built from shr
 from __future__ import annotations
 
 import torch
+
 from flexllm.kernels._dispatch import use_triton
 
 

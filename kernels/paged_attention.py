@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from flexllm.kernels._dispatch import use_triton
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from flexllm.kernels._dispatch import use_triton
 
 

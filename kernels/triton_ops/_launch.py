@@ -9,6 +9,7 @@ def row_settings(width: int) -> tuple[int, int]:
     return block, 4 if block < 2048 else 8 if block < 8192 else 16
 
 
-def dot_block(n: int, cap: int) -> int:
+def dot_block(n: int, cap: int | None = None) -> int:
     """Power-of-two tile edge for ``tl.dot`` (>= 16, the MMA minimum) covering n, at most cap."""
-    return min(cap, max(16, triton.next_power_of_2(n)))
+    block = max(16, triton.next_power_of_2(n))
+    return block if cap is None else min(cap, block)

@@ -13,6 +13,7 @@ LoRA backward uses that).
 import torch
 import triton
 import triton.language as tl
+
 from flexllm.kernels.triton_ops._launch import dot_block
 
 BGMV_MAX_TOKENS = 64  # auto mode: per-token kernels at or below this many tokens (untuned)
@@ -174,9 +175,10 @@ def lora_shrink_triton(
     if T == 0:
         return out
     strides = (*x.stride(), *lora_a.stride(), *out.stride())
-    block_r = dot_block(R, 64)
+    block_r = dot_block(R)  # the whole rank in one tile
     if _per_token(T, grouped):
-        _bgmv_shrink_kernel[(T,)](x, lora_a, out, indices, K, R, *strides, BLOCK_R=block_r, BLOCK_K=256)
+        block_k = max(16, 4096 // block_r)
+        _bgmv_shrink_kernel[(T,)](x, lora_a, out, indices, K, R, *strides, BLOCK_R=block_r, BLOCK_K=block_k)
         return out
     order, seg_start, seg_len = _group_by_slot(indices, S)
     block_m = dot_block(T, 64)

@@ -10,6 +10,7 @@ table BLOCK_N at a time (any cache block size), and keeps an fp32 online softmax
 import torch
 import triton
 import triton.language as tl
+
 from flexllm.kernels.triton_ops._launch import dot_block
 
 _LOG2E = 1.4426950408889634
@@ -114,6 +115,6 @@ def paged_attention_triton(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), block_tables.stride(0),
         CACHE_BLOCK=cache_block, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_Q=block_q, BLOCK_N=64, BLOCK_D=dot_block(head_dim, 256),
+        BLOCK_Q=block_q, BLOCK_N=64, BLOCK_D=dot_block(head_dim),
     )  # fmt: skip
     return out

@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+
 from flexllm.kernels.triton_ops._launch import row_settings
 
 

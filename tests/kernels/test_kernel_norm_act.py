@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from flexllm.kernels import rms_norm, silu_and_mul
 from flexllm.kernels.rms_norm import rms_norm_reference
 from flexllm.kernels.swiglu import silu_and_mul_reference
