@@ -14,8 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}(@v[0-9]+)?$")
