@@ -73,3 +73,10 @@ def replica_state(service: str, replica: str) -> str:
 
 def replica_pattern(service: str) -> str:
     return f"{service_prefix(service)}:replica:*"
+
+
+# Appended for the operator: optional replica-hash field ``failed``, a JSON object
+# {"name@vN": "error message"} of adapter hot-loads that failed on that replica (cleared on success);
+# the operator shows it in the InferenceService's AdaptersLoaded condition.
+REPLICA_FIELDS = ("adapters", "ready", "updated", "failed")
+CANCEL_FLAG_TTL_S = 24 * 3600  # the operator keeps a deleted job's cancel flag this long

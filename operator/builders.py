@@ -1,0 +1,186 @@
+"""Plain functions that build the Kubernetes objects of one InferenceService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexllm.operator.config import OperatorConfig
+from flexllm.operator.models import InferenceServiceSpec
+
+PORT = 8000
+ADAPTER_DIR = "/adapters"
+MODEL_DIR = "/models"
+GROUP = "flexllm.ai"
+SERVICE_LABEL = f"{GROUP}/inference-service"
+Manifest = dict[str, Any]
+
+
+def service_key(namespace: str, name: str) -> str:
+    """The worker's --service: names the service's Redis keys, unique across namespaces."""
+    return f"{namespace}.{name}"
+
+
+def deployment_name(name: str) -> str:
+    return f"{name}-worker"
+
+
+def endpoint(namespace: str, name: str) -> str:
+    """The OpenAI-compatible base URL of the service inside the cluster."""
+    return f"http://{name}.{namespace}.svc:{PORT}/v1"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "flexllm-worker", "app.kubernetes.io/instance": name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), "app.kubernetes.io/managed-by": "flexllm-operator", SERVICE_LABEL: name}
+
+
+def model_location(uri: str) -> tuple[str, Manifest | None]:
+    """Maps the model URI to the worker's --model argument and, for pvc://, a read-only volume."""
+    if uri.startswith("pvc://"):
+        claim, _, path = uri.removeprefix("pvc://").partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return f"{MODEL_DIR}/{path}".rstrip("/"), volume
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://"), None
+    return uri, None
+
+
+def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[str]:
+    """`flexllm serve` flags: model, Redis, adapter store, engine limits and SLOs."""
+    model_arg, _ = model_location(spec.model.uri)
+    engine, slo = spec.engine, spec.slo
+    args = [
+        "serve",
+        "--model", model_arg,
+        "--dtype", spec.model.dtype,
+        "--service", service_key(namespace, name),
+        "--redis-url", "$(FLEXLLM_REDIS_URL)",
+        "--adapter-dir", ADAPTER_DIR,
+        "--port", str(PORT),
+        "--max-tokens-per-batch", str(engine.max_tokens_per_batch),
+        "--kv-cache-fraction", str(engine.kv_cache_fraction),
+        "--max-loras", str(engine.max_loras),
+        "--max-lora-rank", str(engine.max_lora_rank),
+        "--ttft-ms", f"{slo.ttft_ms:g}",
+        "--tpot-ms", f"{slo.tpot_ms:g}",
+    ]
+    for adapter in spec.adapters:
+        args += ["--adapter", f"{adapter.name}={adapter.uri}"]
+    return args
+
+
+def worker_env(config: OperatorConfig) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "FLEXLLM_REDIS_URL", "value": config.redis_url},
+        {"name": "FLEXLLM_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if config.redis_secret:
+        ref = {"name": config.redis_secret, "key": config.redis_secret_key}
+        env.append({"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def worker_resources(spec: InferenceServiceSpec) -> Manifest:
+    requests = {key: value for key, value in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory))
+                if value}
+    limits: dict[str, Any] = {}
+    if spec.resources.gpus:
+        limits["nvidia.com/gpu"] = spec.resources.gpus
+    if spec.resources.memory:
+        limits["memory"] = spec.resources.memory
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def http_probe(path: str, period_s: int, failures: int) -> Manifest:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period_s, "failureThreshold": failures}
+
+
+def worker_volumes(spec: InferenceServiceSpec, config: OperatorConfig) -> tuple[list[Manifest], list[Manifest]]:
+    """(volumes, mounts): adapter store, model PVC, scratch /tmp and a RAM /dev/shm for torch."""
+    adapters: Manifest = (
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": config.adapter_pvc}}
+        if config.adapter_pvc else {"name": "adapters", "emptyDir": {}}
+    )
+    volumes = [adapters, {"name": "tmp", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [
+        {"name": "adapters", "mountPath": ADAPTER_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    _, model_volume = model_location(spec.model.uri)
+    if model_volume is not None:
+        volumes.append(model_volume)
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def worker_container(name: str, namespace: str, spec: InferenceServiceSpec, config: OperatorConfig,
+                     mounts: list[Manifest]) -> Manifest:
+    return {
+        "name": "worker",
+        "image": spec.image or config.worker_image,
+        "command": ["flexllm"],
+        "args": worker_args(name, namespace, spec),
+        "env": worker_env(config),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "resources": worker_resources(spec),
+        "volumeMounts": mounts,
+        # Loading a large checkpoint can take minutes: the startup probe covers it (up to 20 min).
+        "startupProbe": http_probe("/healthz", period_s=10, failures=120),
+        "livenessProbe": http_probe("/healthz", period_s=10, failures=3),
+        "readinessProbe": http_probe("/readyz", period_s=5, failures=3),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def build_deployment(name: str, namespace: str, spec: InferenceServiceSpec, config: OperatorConfig) -> Manifest:
+    """The worker Deployment; any spec change changes the pod template, so it rolls."""
+    volumes, mounts = worker_volumes(spec, config)
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [worker_container(name, namespace, spec, config, mounts)],
+        "volumes": volumes,
+    }
+    if config.worker_service_account:
+        pod_spec["serviceAccountName"] = config.worker_service_account
+    if spec.resources.gpus:
+        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(name), "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec},
+        },
+    }
+
+
+def build_service(name: str, namespace: str) -> Manifest:
+    """A ClusterIP Service named like the InferenceService: the OpenAI-compatible endpoint."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }

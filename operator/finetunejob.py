@@ -1,0 +1,88 @@
+"""FinetuneJob handlers: validate, queue on the service's Redis stream, sync progress, cancel on delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from flexllm.operator import status as st
+from flexllm.operator.builders import service_key
+from flexllm.operator.config import CONFIG
+from flexllm.operator.handling import mark_not_ready, validate
+from flexllm.operator.kube import GROUP
+from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
+from flexllm.operator.store import transient_redis_errors
+from flexllm.worker.protocol import TERMINAL_PHASES
+
+PLURAL = "finetunejobs"
+
+
+def post_phase_event(body: kopf.Body, phase: str, message: str) -> None:
+    """One Kubernetes Event per phase change (Warning for Failed)."""
+    kopf.event(body, type="Warning" if phase == "Failed" else "Normal", reason=phase, message=message)
+
+
+@kopf.on.resume(GROUP, PLURAL)
+@kopf.on.create(GROUP, PLURAL)
+def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
+           memo: kopf.Memo, retry: int, **_: Any) -> None:
+    """Validates the job against its InferenceService and queues it once."""
+    if status.get("phase") not in (None, "Pending"):
+        return  # queued before (e.g. an operator restart): the timer follows it from here
+    job = validate(FinetuneJobSpec, spec, patch, status, phase="Failed")
+    service = memo.kube.inference_service(namespace, job.inference_service)
+    if service is None:
+        message = (f"InferenceService {job.inference_service!r} not found in namespace {namespace!r}; "
+                   "the job is queued once it exists")
+        mark_not_ready(patch, status, "Pending", "InferenceServiceNotFound", message)
+        if retry == 0:
+            post_phase_event(body, "Pending", message)
+        raise kopf.TemporaryError(message, delay=CONFIG.retry_delay_s)
+    try:
+        job.check_fits(InferenceServiceSpec.model_validate(service.get("spec", {})))
+    except ValueError as error:
+        mark_not_ready(patch, status, "Failed", "DoesNotFit", str(error))
+        post_phase_event(body, "Failed", str(error))
+        raise kopf.PermanentError(str(error)) from error
+    with transient_redis_errors(CONFIG.retry_delay_s):
+        memo.store.submit(service_key(namespace, job.inference_service), name, namespace, dict(spec))
+    message = f"queued on InferenceService {job.inference_service!r}"
+    ready = st.condition("Ready", True, "Queued", message)
+    patch.status.update(phase="Queued", message=message,
+                        conditions=st.merge_conditions(status.get("conditions", []), ready))
+    post_phase_event(body, "Queued", message)
+
+
+@kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, idle=0)
+def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status,
+                  patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Copies the worker's progress and published adapter versions from Redis into the status."""
+    if status.get("phase") in (None, "Pending") or status.get("completionTime"):
+        return
+    key = service_key(namespace, spec["inferenceService"])
+    with transient_redis_errors(CONFIG.retry_delay_s):
+        raw, versions = memo.store.progress(key, name), memo.store.versions(key, name)
+    if not raw:
+        return
+    keep = int(spec.get("publish", {}).get("keepVersions", 5))
+    new = st.job_status(name, status, raw, versions, keep)
+    patch.status.update(st.changed_fields(status, new))
+    if new["phase"] != status.get("phase"):
+        post_phase_event(body, new["phase"], new["message"] or f"job is {new['phase'].lower()}")
+
+
+@kopf.on.delete(GROUP, PLURAL)
+def cancel(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, runtime: Any,
+           **_: Any) -> None:
+    """Raises the cancel flag, waits (bounded) for a running job to stop, then cleans its Redis state."""
+    key = service_key(namespace, spec.get("inferenceService", ""))
+    with transient_redis_errors(CONFIG.retry_delay_s):
+        memo.store.cancel(key, name)
+        phase = memo.store.progress(key, name).get("phase")
+    if phase == "Running" and runtime.total_seconds() < CONFIG.cancel_wait_s:
+        raise kopf.TemporaryError("waiting for the engine to stop the job", delay=1)
+    with transient_redis_errors(CONFIG.retry_delay_s):
+        memo.store.cleanup(key, name, namespace)
+    if phase not in TERMINAL_PHASES:
+        post_phase_event(body, "Cancelled", "deleted: cancel flag raised, Redis state cleaned")

@@ -1,0 +1,172 @@
+"""Plain functions that map observed state (Redis, the Deployment) to the resources' .status."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flexllm.worker.protocol import TERMINAL_PHASES
+
+Status = dict[str, Any]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(type_: str, ok: bool, reason: str, message: str = "", generation: int | None = None) -> Status:
+    result: Status = {"type": type_, "status": "True" if ok else "False", "reason": reason, "message": message}
+    if generation is not None:
+        result["observedGeneration"] = generation
+    return result
+
+
+def merge_conditions(existing: Sequence[Mapping[str, Any]], new: Mapping[str, Any]) -> list[Status]:
+    """Replaces the condition of new's type; lastTransitionTime moves only when its status changes."""
+    old = next((c for c in existing if c.get("type") == new["type"]), None)
+    changed = old is None or old.get("status") != new["status"]
+    merged = {**new, "lastTransitionTime": now_iso() if changed else old.get("lastTransitionTime", now_iso())}
+    return [dict(c) for c in existing if c.get("type") != new["type"]] + [merged]
+
+
+def format_duration(seconds: float) -> str:
+    """90 -> '1m30s', 3725 -> '1h2m'; kubectl-style, for printer columns."""
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _number(raw: Mapping[str, str], key: str, kind: type = float) -> Any:
+    value = raw.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return kind(float(value))
+    except ValueError:
+        return None
+
+
+def progress_status(raw: Mapping[str, str]) -> Status:
+    """The worker's progress hash (strings, snake_case) as status.progress."""
+    step = _number(raw, "step", int) or 0
+    total = _number(raw, "total_steps", int)
+    progress: Status = {"step": step}
+    if total:
+        percent = min(100, step * 100 // total)
+        progress.update(totalSteps=total, percent=percent, display=f"{step}/{total} ({percent}%)")
+    for key, field, kind in (("loss", "loss", float), ("tokens_per_second", "tokensPerSecond", float)):
+        value = _number(raw, key, kind)
+        if value is not None:
+            progress[field] = round(value, 4)
+    eta = _number(raw, "eta_seconds", int)
+    if eta is not None:
+        progress.update(etaSeconds=eta, eta=format_duration(eta))
+    return progress
+
+
+def version_name(version: Any) -> str:
+    """3, "3" and "v3" all become "v3"."""
+    text = str(version)
+    return f"v{text}" if text.isdigit() else text
+
+
+def adapter_status(job: str, raw_versions: Sequence[str], keep: int) -> Status | None:
+    """The versions list (JSON strings, oldest first) as status.adapter; None before the first one."""
+    versions = []
+    for item in raw_versions:
+        entry = json.loads(item)
+        versions.append({
+            "version": version_name(entry["version"]),
+            "step": int(entry.get("step", 0)),
+            "loss": float(entry.get("loss", 0.0)),
+            "uri": str(entry.get("uri", "")),
+            "time": str(entry.get("time", "")),
+        })
+    if not versions:
+        return None
+    latest = versions[-1]["version"]
+    return {"name": job, "latestVersion": latest, "latest": f"{job}@{latest}", "versions": versions[-keep:]}
+
+
+def job_status(job: str, old: Mapping[str, Any], raw: Mapping[str, str], raw_versions: Sequence[str],
+               keep_versions: int) -> Status:
+    """The FinetuneJob status patch for the worker's progress hash and published versions."""
+    phase = raw.get("phase") or old.get("phase") or "Queued"
+    status: Status = {"phase": phase, "progress": progress_status(raw), "message": raw.get("message", "")}
+    adapter = adapter_status(job, raw_versions, keep_versions)
+    if adapter is not None:
+        status["adapter"] = adapter
+    if phase == "Running" and not old.get("startTime"):
+        status["startTime"] = now_iso()
+    if phase in TERMINAL_PHASES and not old.get("completionTime"):
+        status["completionTime"] = now_iso()
+    ok = phase != "Failed"
+    ready = condition("Ready", ok, phase, raw.get("message", "") or f"job is {phase.lower()}")
+    status["conditions"] = merge_conditions(old.get("conditions", []), ready)
+    return status
+
+
+def replica_entry(replica: str, raw: Mapping[str, str]) -> Status:
+    """One replica hash (what it really serves) as a status.loadedAdapters entry."""
+    return {
+        "replica": replica,
+        "ready": raw.get("ready", "").lower() in ("1", "true", "yes"),
+        "adapters": sorted(json.loads(raw.get("adapters") or "[]")),
+        "failed": [f"{adapter}: {error}" for adapter, error in sorted(json.loads(raw.get("failed") or "{}").items())],
+    }
+
+
+def served_summary(entries: Sequence[Mapping[str, Any]]) -> str:
+    """'a@v2,b@v1 (1/2)': adapters on the ready replicas, with a count where not on all of them."""
+    ready = [entry for entry in entries if entry["ready"]]
+    names = sorted({adapter for entry in ready for adapter in entry["adapters"]})
+    parts = []
+    for adapter in names:
+        count = sum(adapter in entry["adapters"] for entry in ready)
+        parts.append(adapter if count == len(ready) else f"{adapter} ({count}/{len(ready)})")
+    return ",".join(parts)
+
+
+def adapters_condition(entries: Sequence[Mapping[str, Any]], pinned: Sequence[str]) -> Status:
+    """AdaptersLoaded: False on a failed hot-load, or while a pinned adapter is not on every ready replica."""
+    failures = [f"{entry['replica']}: {', '.join(entry['failed'])}" for entry in entries if entry["failed"]]
+    if failures:
+        return condition("AdaptersLoaded", False, "HotLoadFailed", "hot-load failed on " + "; ".join(failures))
+    ready = [entry for entry in entries if entry["ready"]]
+    missing = sorted(
+        name for name in pinned
+        if not all(any(a == name or a.startswith(f"{name}@") for a in entry["adapters"]) for entry in ready)
+    )
+    if missing:
+        return condition("AdaptersLoaded", False, "Loading", "not yet on every ready replica: " + ", ".join(missing))
+    return condition("AdaptersLoaded", True, "Loaded", "every ready replica serves its adapters")
+
+
+def service_status(generation: int | None, old: Mapping[str, Any], desired: int, ready: int,
+                   entries: Sequence[Mapping[str, Any]], pinned: Sequence[str], url: str) -> Status:
+    """The InferenceService status patch from the Deployment's ready count and the replica hashes."""
+    phase = "Ready" if ready >= desired else ("Degraded" if ready else "Pending")
+    ready_cond = condition("Ready", phase == "Ready", phase, f"{ready}/{desired} worker replicas ready", generation)
+    conditions = merge_conditions(old.get("conditions", []), ready_cond)
+    conditions = merge_conditions(conditions, adapters_condition(entries, pinned))
+    return {
+        "phase": phase,
+        "observedGeneration": generation,
+        "replicas": desired,
+        "readyReplicas": ready,
+        "readyDisplay": f"{ready}/{desired}",
+        "endpoint": url,
+        "loadedAdapters": list(entries),
+        "servedAdapters": served_summary(entries),
+        "conditions": conditions,
+    }
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> Status:
+    """The top-level fields of new that differ from old: no status patch (and no watch event) for no change."""
+    return {key: value for key, value in new.items() if old.get(key) != value}
