@@ -1,8 +1,13 @@
-"""Backend choice: Triton for CUDA tensors when triton imports, the torch reference otherwise."""
+"""Backend choice: Triton for CUDA tensors when triton imports, the torch reference otherwise.
+
+``FLEXLLM_FORCE_TRITON=1`` sends CPU tensors to Triton too: with ``TRITON_INTERPRET=1`` that runs
+the kernels on CPU (tests, benchmark smoke runs).
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -18,5 +23,6 @@ def triton_importable() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Take the Triton path for ``t``: it lives on a CUDA device and triton is importable."""
-    return t.is_cuda and triton_importable()
+    """Take the Triton path for ``t``: it is on a CUDA device (or forced) and triton is importable."""
+    forced = os.environ.get("FLEXLLM_FORCE_TRITON") == "1"
+    return (t.is_cuda or forced) and triton_importable()

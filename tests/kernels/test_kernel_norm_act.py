@@ -6,6 +6,8 @@ import torch
 from flexllm.kernels import rms_norm, silu_and_mul
 from flexllm.kernels.rms_norm import rms_norm_reference
 from flexllm.kernels.swiglu import silu_and_mul_reference
+from flexllm.kernels.triton_ops import rms_norm as rms_norm_ops
+from flexllm.kernels.triton_ops import swiglu as swiglu_ops
 from flexllm.kernels.triton_ops.rms_norm import rms_norm_triton
 from flexllm.kernels.triton_ops.swiglu import silu_and_mul_triton
 
@@ -44,3 +46,11 @@ def test_dispatchers_take_the_reference_on_cpu():
     x, weight = torch.randn(2, 8), torch.rand(8)
     assert torch.equal(rms_norm(x, weight, 1e-6, x)[0], rms_norm_reference(x, weight, 1e-6, x)[0])
     assert torch.equal(silu_and_mul(x), silu_and_mul_reference(x))
+
+
+def test_forced_dispatch_takes_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("FLEXLLM_FORCE_TRITON", "1")
+    monkeypatch.setattr(rms_norm_ops, "rms_norm_triton", lambda *args: "triton")
+    monkeypatch.setattr(swiglu_ops, "silu_and_mul_triton", lambda *args: "triton")
+    x = torch.randn(2, 8)
+    assert rms_norm(x, torch.rand(8), 1e-6) == "triton" and silu_and_mul(x) == "triton"
