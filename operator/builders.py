@@ -89,7 +89,7 @@ def worker_resources(spec: InferenceServiceSpec) -> Manifest:
                 if value}
     limits: dict[str, Any] = {}
     if spec.resources.gpus:
-        limits["nvidia.com/gpu"] = spec.resources.gpus
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
     if spec.resources.memory:
         limits["memory"] = spec.resources.memory
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}

@@ -23,8 +23,8 @@ def post_phase_event(body: kopf.Body, phase: str, message: str) -> None:
     kopf.event(body, type="Warning" if phase == "Failed" else "Normal", reason=phase, message=message)
 
 
-@kopf.on.resume(GROUP, PLURAL)
-@kopf.on.create(GROUP, PLURAL)
+@kopf.on.resume(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
+@kopf.on.create(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
 def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
            memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Validates the job against its InferenceService and queues it once."""
@@ -54,7 +54,7 @@ def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: 
     post_phase_event(body, "Queued", message)
 
 
-@kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, idle=0)
+@kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, backoff=CONFIG.retry_delay_s)
 def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status,
                   patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Copies the worker's progress and published adapter versions from Redis into the status."""
@@ -72,7 +72,7 @@ def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, s
         post_phase_event(body, new["phase"], new["message"] or f"job is {new['phase'].lower()}")
 
 
-@kopf.on.delete(GROUP, PLURAL)
+@kopf.on.delete(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
 def cancel(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, runtime: Any,
            **_: Any) -> None:
     """Raises the cancel flag, waits (bounded) for a running job to stop, then cleans its Redis state."""

@@ -17,9 +17,9 @@ from flexllm.operator.store import transient_redis_errors
 PLURAL = "inferenceservices"
 
 
-@kopf.on.resume(GROUP, PLURAL)
-@kopf.on.create(GROUP, PLURAL)
-@kopf.on.update(GROUP, PLURAL, field="spec")
+@kopf.on.resume(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
+@kopf.on.create(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
+@kopf.on.update(GROUP, PLURAL, field="spec", backoff=CONFIG.retry_delay_s)
 def reconcile(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: kopf.Meta,
               status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Applies the worker Deployment and the Service; a spec change rolls the Deployment."""
@@ -35,7 +35,7 @@ def reconcile(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta:
         patch.status["phase"] = "Pending"
 
 
-@kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, idle=0)
+@kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, backoff=CONFIG.retry_delay_s)
 def sync_status(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, status: kopf.Status,
                 patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Ready replicas from the Deployment; loaded adapters from what each replica reports in Redis."""
