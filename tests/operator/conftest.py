@@ -265,7 +265,7 @@ def redis_client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url, password=REDIS_PASSWORD, decode_responses=True)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.2, what: str = "") -> Any:
+def poll(predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.2, what: str = "") -> Any:
     """Polls until predicate() is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -274,6 +274,31 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@pytest.fixture()
+def wait_for() -> Callable[..., Any]:
+    return poll
+
+
+def prune(value: Any, schema: dict[str, Any]) -> Any:
+    """The API server's structural pruning: drops fields the schema does not declare."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(value, dict) and "properties" in schema:
+        return {key: prune(item, schema["properties"][key]) for key, item in value.items()
+                if key in schema["properties"]}
+    if isinstance(value, list) and "items" in schema:
+        return [prune(item, schema["items"]) for item in value]
+    return value
+
+
+@pytest.fixture()
+def structural_prune() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """prune(obj) by the openAPIV3Schema of the obj's CRD."""
+    schemas = {crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+               for crd in load_crds()}
+    return lambda obj: prune(obj, schemas[obj["kind"]])
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +322,8 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         process = subprocess.Popen([sys.executable, "-m", "flexllm.operator"], env=env, cwd=REPO,
                                    stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "Starting the main" in log.read_text() or process.poll() is not None, what="operator")
+        poll(lambda: "Activity 'startup' succeeded" in log.read_text() or process.poll() is not None,
+             what="operator startup")
         assert process.poll() is None, log.read_text()
         yield log
     finally:

@@ -1,0 +1,218 @@
+"""The real operator process against the Kubernetes emulator, a real Valkey server, and real kubectl.
+
+Nothing is simulated on the kopf side. The worker does not exist yet, so the tests named
+``..._written_by_test`` play its part by writing progress, versions and replica state into Redis
+through the shared protocol helpers; they become real-worker end-to-end tests once it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flexllm.worker import protocol
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("operator_process")]
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE_KEY = "default.smollm2"  # the worker's --service: <namespace>.<name>
+
+
+def apply(kubectl, tmp_path: Path, manifest: dict[str, Any]) -> None:
+    path = tmp_path / f"{manifest['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    kubectl("apply", "--validate=false", "-f", str(path))
+
+
+def example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+def get(kubectl, *args: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", *args, "-o", "json").stdout)
+
+
+def status_of(kubectl, kind: str, name: str) -> dict[str, Any]:
+    return get(kubectl, kind, name).get("status", {})
+
+
+def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
+    """`kubectl get <kind>` as {name: {COLUMN: value}}."""
+    header, *rows = kubectl("get", kind).stdout.splitlines()
+    starts = [header.index(column) for column in header.split()]
+    names = header.split()
+
+    def cells(row: str) -> dict[str, str]:
+        bounds = zip(starts, starts[1:] + [None], strict=True)
+        return {name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)}
+
+    return {cells(row)["NAME"]: cells(row) for row in rows}
+
+
+def test_inferenceservice_creates_worker_deployment_and_service(kubectl, api_server, tmp_path, wait_for):
+    kubectl("apply", "--validate=false", "-f", str(REPO / "examples" / "inferenceservice.yaml"))
+    deployment = wait_for(lambda: api_server.objects("deployments").get("smollm2-worker"), what="Deployment")
+    service = wait_for(lambda: api_server.objects("services").get("smollm2"), what="Service")
+    owner = get(kubectl, "inferenceservices.flexllm.ai", "smollm2")
+
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["args"][container["args"].index("--service") + 1] == SERVICE_KEY
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    password = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "flexllm-redis"
+    assert {"name": "adapters", "persistentVolumeClaim": {"claimName": "flexllm-adapters"}} in pod["volumes"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    status = wait_for(lambda: status_of(kubectl, "inferenceservices.flexllm.ai", "smollm2").get("endpoint") and
+                      status_of(kubectl, "inferenceservices.flexllm.ai", "smollm2"), what="status")
+    assert status["endpoint"] == "http://smollm2.default.svc:8000/v1"
+
+
+def test_spec_change_rolls_the_deployment(kubectl, api_server, tmp_path, wait_for):
+    manifest = example("inferenceservice.yaml")
+    manifest["spec"]["replicas"] = 2
+    manifest["spec"]["engine"]["maxTokensPerBatch"] = 1024
+    apply(kubectl, tmp_path, manifest)
+
+    def rolled() -> dict[str, Any] | None:
+        deployment = api_server.objects("deployments")["smollm2-worker"]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return deployment if args[args.index("--max-tokens-per-batch") + 1] == "1024" else None
+
+    assert wait_for(rolled, what="rolled Deployment")["spec"]["replicas"] == 2
+    wait_for(lambda: status_of(kubectl, "inferenceservices.flexllm.ai", "smollm2").get("observedGeneration") == 2,
+             what="observedGeneration 2")
+
+
+def test_finetunejob_is_queued_on_the_services_redis_stream(kubectl, api_server, redis_client, wait_for):
+    kubectl("apply", "--validate=false", "-f", str(REPO / "examples" / "finetunejob.yaml"))
+    entries = wait_for(lambda: redis_client.xrange(protocol.job_stream(SERVICE_KEY)), what="stream entry")
+
+    data = json.loads(entries[0][1]["data"])
+    assert (data["name"], data["namespace"]) == ("tiny-lora", "default")
+    assert data["spec"] == example("finetunejob.yaml")["spec"]
+    assert redis_client.hget(protocol.job_progress(SERVICE_KEY, "tiny-lora"), "phase") == "Queued"
+    wait_for(lambda: status_of(kubectl, "finetunejobs", "tiny-lora").get("phase") == "Queued", what="Queued")
+    events = wait_for(lambda: [e for e in api_server.objects("events").values() if e.get("reason") == "Queued"],
+                      what="Queued event")
+    assert events[0]["involvedObject"]["name"] == "tiny-lora"
+
+
+def test_status_sync_with_redis_progress_written_by_test(kubectl, redis_client, wait_for):
+    """Plays the worker: progress, two published versions, and what one replica serves."""
+    redis_client.hset(protocol.job_progress(SERVICE_KEY, "tiny-lora"), mapping={
+        "phase": "Running", "step": 10, "total_steps": 20, "loss": 1.2345, "tokens_per_second": 850.5,
+        "eta_seconds": 90, "message": "training", "updated": int(time.time())})
+    for version, step, loss in ((1, 5, 2.0), (2, 10, 1.2345)):
+        redis_client.rpush(protocol.job_versions(SERVICE_KEY, "tiny-lora"), json.dumps({
+            "version": version, "step": step, "loss": loss, "uri": f"/adapters/tiny-lora/v{version}", "time": "t"}))
+    redis_client.hset(protocol.replica_state(SERVICE_KEY, "smollm2-worker-abc"), mapping={
+        "adapters": json.dumps(["tiny-lora@v2"]), "ready": "1", "updated": int(time.time())})
+    kubectl("patch", "deployment", "smollm2-worker", "--subresource=status", "--type=merge",
+            "-p", '{"status": {"readyReplicas": 2}}')
+
+    job = wait_for(lambda: table(kubectl, "finetunejobs")["tiny-lora"]["ADAPTER"] == "tiny-lora@v2"
+                   and table(kubectl, "finetunejobs")["tiny-lora"], what="synced job row")
+    assert job["PHASE"] == "Running"
+    assert job["PROGRESS"] == "10/20 (50%)"
+    assert job["LOSS"] == "1.2345"
+    assert job["ETA"] == "1m30s"
+    status = status_of(kubectl, "finetunejobs", "tiny-lora")
+    assert status["progress"]["percent"] == 50
+    assert status["adapter"]["latestVersion"] == "v2"
+    assert [v["uri"] for v in status["adapter"]["versions"]] == ["/adapters/tiny-lora/v1", "/adapters/tiny-lora/v2"]
+    assert status["startTime"]
+
+    service = wait_for(lambda: table(kubectl, "inferenceservices.flexllm.ai")["smollm2"]["READY"] == "2/2"
+                       and table(kubectl, "inferenceservices.flexllm.ai")["smollm2"], what="ready service")
+    assert service["ADAPTERS"] == "tiny-lora@v2"
+    loaded = status_of(kubectl, "inferenceservices.flexllm.ai", "smollm2")["loadedAdapters"]
+    assert loaded == [{"replica": "smollm2-worker-abc", "ready": True, "adapters": ["tiny-lora@v2"], "failed": []}]
+
+
+def test_failed_hot_load_written_by_test_shows_in_a_condition(kubectl, redis_client, wait_for):
+    redis_client.hset(protocol.replica_state(SERVICE_KEY, "smollm2-worker-abc"),
+                      "failed", json.dumps({"tiny-lora@v3": "CUDA out of memory"}))
+
+    def adapters_condition() -> dict[str, Any] | None:
+        conditions = status_of(kubectl, "inferenceservices.flexllm.ai", "smollm2").get("conditions", [])
+        found = next((c for c in conditions if c["type"] == "AdaptersLoaded"), None)
+        return found if found and found["status"] == "False" else None
+
+    condition = wait_for(adapters_condition, what="AdaptersLoaded=False")
+    assert condition["reason"] == "HotLoadFailed"
+    assert "tiny-lora@v3: CUDA out of memory" in condition["message"]
+
+
+def test_delete_cancels_the_job_and_cleans_redis_written_by_test(kubectl, api_server, redis_client, wait_for):
+    kubectl("delete", "finetunejob", "tiny-lora", "--wait=false")
+    cancel_flag = protocol.job_cancel_flag(SERVICE_KEY, "tiny-lora")
+    wait_for(lambda: redis_client.get(cancel_flag) == "1", what="cancel flag")
+    assert "tiny-lora" in api_server.objects("finetunejobs"), "a running job waits for the engine to stop"
+
+    redis_client.hset(protocol.job_progress(SERVICE_KEY, "tiny-lora"), "phase", "Cancelled")  # the engine stops
+    wait_for(lambda: "tiny-lora" not in api_server.objects("finetunejobs"), what="job deleted")
+    assert not redis_client.exists(protocol.job_progress(SERVICE_KEY, "tiny-lora"))
+    assert not redis_client.exists(protocol.job_versions(SERVICE_KEY, "tiny-lora"))
+    assert redis_client.xrange(protocol.job_stream(SERVICE_KEY)) == []
+    assert redis_client.get(cancel_flag) == "1" and redis_client.ttl(cancel_flag) > 0
+
+
+def test_job_for_a_missing_service_waits_then_queues_when_it_appears(kubectl, tmp_path, redis_client, wait_for):
+    job = example("finetunejob.yaml")
+    job["metadata"]["name"] = "early-job"
+    job["spec"]["inferenceService"] = "late-service"
+    apply(kubectl, tmp_path, job)
+
+    def not_found() -> dict[str, Any] | None:
+        status = status_of(kubectl, "finetunejobs", "early-job")
+        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+        return status if ready.get("reason") == "InferenceServiceNotFound" else None
+
+    status = wait_for(not_found, what="InferenceServiceNotFound")
+    assert status["phase"] == "Pending"
+    assert "'late-service' not found" in status["message"]
+
+    service = example("inferenceservice.yaml")
+    service["metadata"]["name"] = "late-service"
+    apply(kubectl, tmp_path, service)
+    wait_for(lambda: status_of(kubectl, "finetunejobs", "early-job").get("phase") == "Queued", what="Queued")
+    assert redis_client.xlen(protocol.job_stream("default.late-service")) == 1
+
+
+@pytest.mark.parametrize(("name", "edit", "reason", "words"), [
+    ("bad-optimizer", lambda spec: spec["training"].update(optimizer="adam"), "InvalidSpec", "optimizer"),
+    ("negative-rank", lambda spec: spec["lora"].update(rank=-4), "InvalidSpec", "lora.rank"),
+    ("too-large-rank", lambda spec: spec["lora"].update(rank=128), "DoesNotFit", "maxLoraRank=64"),
+])
+def test_invalid_job_fails_with_a_clear_message(kubectl, tmp_path, name, edit, reason, words, wait_for):
+    """The emulator, unlike a real API server, does not enforce the CRD schema: the operator's own checks."""
+    job = example("finetunejob.yaml")
+    job["metadata"]["name"] = name
+    edit(job["spec"])
+    apply(kubectl, tmp_path, job)
+
+    status = wait_for(lambda: status_of(kubectl, "finetunejobs", name).get("phase") == "Failed"
+                      and status_of(kubectl, "finetunejobs", name), what="Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert words in status["message"]
+
+
+def test_kopf_state_lives_in_annotations_that_structural_pruning_keeps(kubectl, structural_prune, wait_for):
+    """kopf's progress and diff-base are annotations; everything the operator put in .status is in the schema."""
+    for kind, name in (("inferenceservices.flexllm.ai", "smollm2"), ("finetunejobs", "early-job")):
+        obj = get(kubectl, kind, name)
+        annotations = obj["metadata"].get("annotations", {})
+        assert "flexllm.ai/last-handled-configuration" in annotations
+        assert "kopf" not in obj.get("status", {})
+        assert structural_prune(obj)["status"] == obj["status"]
