@@ -46,14 +46,10 @@ def _sgmv_shrink_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        x = tl.load(
-            x_ptr + rows[:, None] * x_s0 + k[None, :] * x_s1,
-            mask=row_mask[:, None] & (k[None, :] < K), other=0.0,
-        )  # fmt: skip  # [BLOCK_M, BLOCK_K]
-        a_t = tl.load(
-            a_base + offs_r[None, :] * a_s1 + k[:, None] * a_s2,
-            mask=(offs_r[None, :] < R) & (k[:, None] < K), other=0.0,
-        )  # fmt: skip  # [BLOCK_K, BLOCK_R]
+        x_mask = row_mask[:, None] & (k[None, :] < K)  # x tile: [BLOCK_M, BLOCK_K]
+        x = tl.load(x_ptr + rows[:, None] * x_s0 + k[None, :] * x_s1, mask=x_mask, other=0.0)
+        a_mask = (offs_r[None, :] < R) & (k[:, None] < K)  # A[s].T tile: [BLOCK_K, BLOCK_R]
+        a_t = tl.load(a_base + offs_r[None, :] * a_s1 + k[:, None] * a_s2, mask=a_mask, other=0.0)
         acc += tl.dot(x, a_t)
     out_mask = row_mask[:, None] & (offs_r[None, :] < R)
     out = acc.to(out_ptr.dtype.element_ty)
@@ -78,10 +74,8 @@ def _bgmv_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + t * x_s0 + k * x_s1, mask=k < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-        a = tl.load(
-            a_ptr + slot * a_s0 + offs_r[:, None] * a_s1 + k[None, :] * a_s2,
-            mask=(offs_r[:, None] < R) & (k[None, :] < K), other=0.0,
-        )  # fmt: skip  # [BLOCK_R, BLOCK_K]
+        a_mask = (offs_r[:, None] < R) & (k[None, :] < K)  # A[s] tile: [BLOCK_R, BLOCK_K]
+        a = tl.load(a_ptr + slot * a_s0 + offs_r[:, None] * a_s1 + k[None, :] * a_s2, mask=a_mask, other=0.0)
         acc += tl.sum(a.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr + t * o_s0 + offs_r * o_s1, acc.to(out_ptr.dtype.element_ty), mask=offs_r < R)
 
@@ -104,14 +98,10 @@ def _sgmv_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + offs_r
-        xa = tl.load(
-            xa_ptr + rows[:, None] * xa_s0 + r[None, :] * xa_s1,
-            mask=row_mask[:, None] & (r[None, :] < R), other=0.0,
-        )  # fmt: skip  # [BLOCK_M, BLOCK_R]
-        b_t = tl.load(
-            b_base + offs_n[None, :] * b_s1 + r[:, None] * b_s2,
-            mask=(offs_n[None, :] < N) & (r[:, None] < R), other=0.0,
-        )  # fmt: skip  # [BLOCK_R, BLOCK_N]
+        xa_mask = row_mask[:, None] & (r[None, :] < R)  # xa tile: [BLOCK_M, BLOCK_R]
+        xa = tl.load(xa_ptr + rows[:, None] * xa_s0 + r[None, :] * xa_s1, mask=xa_mask, other=0.0)
+        b_mask = (offs_n[None, :] < N) & (r[:, None] < R)  # B[s].T tile: [BLOCK_R, BLOCK_N]
+        b_t = tl.load(b_base + offs_n[None, :] * b_s1 + r[:, None] * b_s2, mask=b_mask, other=0.0)
         acc += tl.dot(xa, b_t)
     scale = tl.load(scaling_ptr + slot).to(tl.float32)
     y_ptrs = y_ptr + rows[:, None] * y_s0 + offs_n[None, :] * y_s1
@@ -138,10 +128,8 @@ def _bgmv_expand_kernel(
     for r0 in range(0, R, BLOCK_R):
         r = r0 + offs_r
         xa = tl.load(xa_ptr + t * xa_s0 + r * xa_s1, mask=r < R, other=0.0).to(tl.float32)  # [BLOCK_R]
-        b = tl.load(
-            b_ptr + slot * b_s0 + offs_n[:, None] * b_s1 + r[None, :] * b_s2,
-            mask=(offs_n[:, None] < N) & (r[None, :] < R), other=0.0,
-        )  # fmt: skip  # [BLOCK_N, BLOCK_R]
+        b_mask = (offs_n[:, None] < N) & (r[None, :] < R)  # B[s] tile: [BLOCK_N, BLOCK_R]
+        b = tl.load(b_ptr + slot * b_s0 + offs_n[:, None] * b_s1 + r[None, :] * b_s2, mask=b_mask, other=0.0)
         acc += tl.sum(b.to(tl.float32) * xa[None, :], axis=1)
     scale = tl.load(scaling_ptr + slot).to(tl.float32)
     y_ptrs = y_ptr + t * y_s0 + offs_n * y_s1
