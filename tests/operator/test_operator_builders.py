@@ -1,0 +1,99 @@
+"""The worker Deployment and Service builders (plain functions, no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from flexllm.operator import builders
+from flexllm.operator.config import OperatorConfig
+from flexllm.operator.models import InferenceServiceSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = OperatorConfig(redis_url="redis://r:6379/0", redis_secret="redis-auth", adapter_pvc="adapters",
+                        worker_image="worker:1", worker_service_account="flexllm-worker")
+
+
+def spec(**changes) -> InferenceServiceSpec:
+    raw = yaml.safe_load((REPO / "examples" / "inferenceservice.yaml").read_text())["spec"]
+    return InferenceServiceSpec.model_validate({**raw, **changes})
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_worker_args_carry_model_service_redis_and_engine_limits():
+    args = builders.worker_args("smollm2", "team-a", spec())
+    assert args[0] == "serve"
+    assert flag(args, "--model") == "smollm2-135m"
+    assert flag(args, "--service") == "team-a.smollm2"
+    assert flag(args, "--redis-url") == "$(FLEXLLM_REDIS_URL)"
+    assert flag(args, "--adapter-dir") == "/adapters"
+    assert flag(args, "--port") == "8000"
+    assert [flag(args, f) for f in ("--max-tokens-per-batch", "--kv-cache-fraction", "--max-loras",
+                                    "--max-lora-rank", "--ttft-ms", "--tpot-ms")] == ["2048", "0.5", "4", "64",
+                                                                                       "5000", "75"]
+
+
+def test_pvc_model_is_mounted_read_only():
+    deployment = builders.build_deployment("m", "ns", spec(model={"uri": "pvc://models/llama-3.1-8b"}), CONFIG)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert flag(container["args"], "--model") == "/models/llama-3.1-8b"
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+
+
+def test_file_model_and_pinned_adapters():
+    args = builders.worker_args("m", "ns", spec(model={"uri": "file:///data/qwen"},
+                                                adapters=[{"name": "sql", "uri": "pvc://a/sql"}]))
+    assert flag(args, "--model") == "/data/qwen"
+    assert flag(args, "--adapter") == "sql=pvc://a/sql"
+
+
+def test_deployment_requests_gpus_and_runs_non_root():
+    deployment = builders.build_deployment("smollm2", "ns", spec(resources={"gpus": 2, "memory": "24Gi"}), CONFIG)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"] == {"requests": {"memory": "24Gi"},
+                                      "limits": {"nvidia.com/gpu": "2", "memory": "24Gi"}}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "flexllm-worker"
+    assert container["image"] == "worker:1"
+
+
+def test_cpu_only_worker_has_no_gpu_limit_or_toleration():
+    pod = builders.build_deployment("m", "ns", spec(resources={"gpus": 0}), CONFIG)["spec"]["template"]["spec"]
+    assert "limits" not in pod["containers"][0]["resources"]
+    assert "tolerations" not in pod
+
+
+def test_redis_password_comes_from_the_secret_and_adapters_from_the_pvc():
+    pod = builders.build_deployment("m", "ns", spec(), CONFIG)["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
+    assert env["FLEXLLM_REDIS_URL"]["value"] == "redis://r:6379/0"
+    assert {"name": "adapters", "persistentVolumeClaim": {"claimName": "adapters"}} in pod["volumes"]
+    no_pvc = builders.build_deployment("m", "ns", spec(), OperatorConfig())["spec"]["template"]["spec"]
+    assert {"name": "adapters", "emptyDir": {}} in no_pvc["volumes"]
+    assert "REDIS_PASSWORD" not in {e["name"] for e in no_pvc["containers"][0]["env"]}
+
+
+def test_spec_change_changes_the_pod_template():
+    before = builders.build_deployment("m", "ns", spec(), CONFIG)["spec"]["template"]
+    after = builders.build_deployment("m", "ns", spec(engine={"maxTokensPerBatch": 512}), CONFIG)["spec"]["template"]
+    assert before != after
+
+
+def test_service_selects_the_worker_pods():
+    deployment = builders.build_deployment("m", "ns", spec(), CONFIG)
+    service = builders.build_service("m", "ns")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+    assert service["spec"]["ports"][0]["port"] == builders.PORT
+    assert builders.endpoint("ns", "m") == "http://m.ns.svc:8000/v1"
