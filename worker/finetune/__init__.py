@@ -1,0 +1,1 @@
+"""LoRA fine-tuning on the serving model: token-level forward, split backward, adapter versions."""

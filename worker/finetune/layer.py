@@ -1,0 +1,110 @@
+"""Training forward of the engine model's layers on one token chunk, LoRA added, base frozen.
+
+The same code serves the no-grad forward chunks and the backward units' recomputation, so a
+unit's graph is exactly the chunk's forward. Dropout masks are a hash of (key, token position,
+feature): identical however the sequence is cut into chunks or windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
+from flexllm.worker.finetune.functions import chunk_attention, rms_norm, silu_mul
+from flexllm.worker.finetune.lora_params import LoRAWeights
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 tensors holding values < 2**32)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """LoRA input dropout with probability ``p`` for one sequence of one step (``key`` seeds it)."""
+
+    p: float
+    key: int
+
+    def apply(self, x: torch.Tensor, start: int, layer: int, target: str) -> torch.Tensor:
+        """x [n, in] of tokens start..start+n-1 -> dropped and rescaled x."""
+        n, width = x.shape
+        seed = (self.key * 131 + layer * len(LORA_TARGETS) + LORA_TARGETS.index(target)) & _MASK32
+        salt = _hash32(torch.tensor(seed))
+        index = torch.arange(start * width, (start + n) * width, device=x.device).view(n, width)
+        bits = _hash32((index ^ salt.to(x.device)) & _MASK32)
+        keep = bits.double() >= self.p * 2**32
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+@dataclass
+class ChunkInput:
+    """The chunk's tokens' positions and the sequence's K/V before it."""
+
+    start: int  # position of the chunk's first token
+    cos: torch.Tensor  # [n, 1, D/2]
+    sin: torch.Tensor
+    dropout: Dropout | None
+
+
+def project(
+    module: LoRALinear, x: torch.Tensor, lora: LoRAWeights, layer: int, chunk: ChunkInput
+) -> torch.Tensor:
+    """Frozen merged projection of x [n, in] plus the LoRA deltas of its trained slices -> [n, out]."""
+    y = F.linear(x, module.weight, module.bias)
+    pairs = lora.pairs(layer)
+    if not any(t in pairs for t in module.out_slices):
+        return y
+    parts = list(y.split([end - start for start, end in module.out_slices.values()], dim=-1))
+    for i, target in enumerate(module.out_slices):
+        if target in pairs:
+            a, b = pairs[target]
+            xd = x if chunk.dropout is None else chunk.dropout.apply(x, chunk.start, layer, target)
+            parts[i] = parts[i] + (xd @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * lora.scaling)
+    return torch.cat(parts, dim=-1)
+
+
+def decoder_layer(
+    model: CausalLM,
+    lora: LoRAWeights,
+    layer: int,
+    x: torch.Tensor,
+    chunk: ChunkInput,
+    k_past: torch.Tensor,
+    v_past: torch.Tensor,
+):
+    """x [n, H] (residual stream) -> (out [n, H], k [n, H_kv, D], v [n, H_kv, D])."""
+    block, args = model.layers[layer], model.args
+    attn, mlp = block.self_attn, block.mlp
+    n = x.shape[0]
+    h = rms_norm(x, block.input_layernorm, args.rms_norm_eps)
+    q, k, v = project(attn.qkv_proj, h, lora, layer, chunk).split(
+        [
+            args.num_heads * args.head_dim,
+            args.num_kv_heads * args.head_dim,
+            args.num_kv_heads * args.head_dim,
+        ],
+        dim=-1,
+    )
+    q = apply_rotary(q.view(n, args.num_heads, args.head_dim), chunk.cos, chunk.sin)
+    k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
+    v = v.view(n, args.num_kv_heads, args.head_dim)
+    o = chunk_attention(q, k, v, k_past, v_past, attn.scale).reshape(n, -1)
+    x = x + project(attn.o_proj, o, lora, layer, chunk)
+    h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
+    gate_up = project(mlp.gate_up_proj, h, lora, layer, chunk)
+    return x + project(mlp.down_proj, silu_mul(gate_up), lora, layer, chunk), k, v
+
+
+def loss_sum(model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the final residual x [n, H] against targets [n] (-100 = ignored)."""
+    h = rms_norm(x, model.norm, model.args.rms_norm_eps)
+    logits = model.compute_logits(h)  # [n, V] fp32
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")

@@ -1,0 +1,241 @@
+"""``FinetuneRunner``: one FinetuneJob on the shared engine model, driven by token budgets.
+
+Each ``run_work(budget)`` call does one unit: a forward chunk of the current sequence or one
+backward unit; when the step's last sequence finishes backward the optimizer steps, and every
+``publish.everySteps`` steps (and at the end) a new adapter version is written with the
+checkpoint (optimizer, schedule, step, data position, RNG) needed to resume exactly there.
+The loss of a step is the mean cross-entropy over all loss tokens of its
+``gradientAccumulation`` micro-batches (each up to ``batchTokens`` tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from flexllm.worker.engine.model import CausalLM
+from flexllm.worker.finetune.data import (
+    DataPosition,
+    SequenceStream,
+    TrainingSequence,
+    micro_batches_per_epoch,
+)
+from flexllm.worker.finetune.layer import Dropout
+from flexllm.worker.finetune.lora_params import LoRAWeights
+from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.finetune.store import AdapterStore
+from flexllm.worker.finetune.work import SequenceWork
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class WorkDone:
+    tokens: int  # token cost of the work done (0: the job is finished)
+    kind: Literal["forward", "backward", "idle"]
+    step_finished: bool = False
+    loss: float | None = None  # the finished step's loss
+    version: int | None = None  # the adapter version published after this work
+
+
+class FinetuneRunner:
+    """Trains ``job`` on ``model`` (frozen, shared with inference); versions under ``adapter_root``."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,
+        job: FinetuneJobSpec,
+        adapter_root: Path,
+        adapter: str,
+        *,
+        base_model: str = "",
+        data_root: Path | None = None,
+        backward_window: int | None = None,
+        resume: bool = True,
+    ):
+        self.model, self.job, self.base_model = model, job, base_model
+        self.backward_window = backward_window
+        self.store = AdapterStore(adapter_root, adapter, job.publish.keep_versions)
+        training = job.training
+        path = job.dataset.resolve(data_root)
+        self.stream = SequenceStream(path, job.dataset.format, tokenizer, training.max_seq_len)
+        if training.max_steps is not None:
+            self.total_steps = training.max_steps
+        else:
+            counter = SequenceStream(path, job.dataset.format, tokenizer, training.max_seq_len)
+            per_epoch = (
+                micro_batches_per_epoch(counter, training.batch_tokens) / training.gradient_accumulation
+            )
+            self.total_steps = max(1, math.ceil(training.epochs * per_epoch))
+        self.lora = LoRAWeights(model, job.lora, training.seed)
+        self.params = list(self.lora.parameters())
+        self.optimizer, self.schedule = build_optimizer(self.params, training, self.total_steps)
+        self.step = 0
+        self.tokens = 0  # training tokens of finished steps
+        self.loss: float | None = None
+        self.latest_version: int | None = None
+        self.busy_seconds = 0.0
+        self._queue: list[TrainingSequence] = []  # the current step's sequences not started yet
+        self._work: SequenceWork | None = None
+        self._step_targets = 0
+        self._step_index = 0  # sequences of the current step started so far
+        self._step_loss = 0.0
+        self._step_tokens = 0
+        torch.manual_seed(training.seed)
+        if resume and self.store.latest() is not None:
+            self.resume()
+
+    # -- work ------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def run_work(self, token_budget: int) -> WorkDone:
+        """Do up to ``token_budget`` tokens of forward-chunk or backward-unit work."""
+        if token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+        if self.done:
+            return WorkDone(0, "idle")
+        began = time.perf_counter()
+        work = self._work or self._next_sequence()
+        if not work.forward_done:
+            result = WorkDone(work.forward_chunk(token_budget), "forward")
+        else:
+            result = WorkDone(work.backward_unit(token_budget), "backward")
+            if work.finished:
+                result = self._sequence_finished(work, result)
+        self.busy_seconds += time.perf_counter() - began
+        return result
+
+    def _next_sequence(self) -> SequenceWork:
+        if not self._queue:  # a new optimizer step
+            training = self.job.training
+            for _ in range(training.gradient_accumulation):
+                self._queue += self.stream.micro_batch(training.batch_tokens)
+            self._step_targets = sum(s.num_targets for s in self._queue)
+            self._step_index = 0
+        seq = self._queue.pop(0)
+        dropout = None
+        if self.job.lora.dropout > 0:
+            key = (self.job.training.seed * 1_000_003 + self.step) * 8191 + self._step_index
+            dropout = Dropout(self.job.lora.dropout, key)
+        self._step_index += 1
+        self._step_tokens += len(seq)
+        self._work = SequenceWork(
+            self.model, self.lora, seq, 1.0 / self._step_targets, dropout, self.backward_window
+        )
+        return self._work
+
+    def _sequence_finished(self, work: SequenceWork, result: WorkDone) -> WorkDone:
+        self._work = None
+        self._step_loss += work.loss_sum
+        if self._queue:
+            return result
+        optimizer_step(self.optimizer, self.schedule, self.params, self.job.training.max_grad_norm)
+        self.step += 1
+        self.loss = self._step_loss / self._step_targets
+        self.tokens += self._step_tokens
+        self._step_loss, self._step_tokens = 0.0, 0
+        version = None
+        if self.step % self.job.publish.every_steps == 0 or self.done:
+            version = self.publish()
+        return WorkDone(result.tokens, result.kind, True, self.loss, version)
+
+    # -- progress, versions, checkpoints -----------------------------------------------------
+    @property
+    def progress(self) -> dict:
+        """camelCase like the CR's ``status.progress``, plus data and version details."""
+        rate = self.tokens / self.busy_seconds if self.busy_seconds else 0.0
+        remaining = (self.total_steps - self.step) * (self.tokens / self.step) if self.step else None
+        return {
+            "step": self.step,
+            "totalSteps": self.total_steps,
+            "percent": int(100 * self.step / self.total_steps),
+            "loss": self.loss,
+            "tokensPerSecond": rate,
+            "tokens": self.tokens,
+            "etaSeconds": int(remaining / rate) if remaining is not None and rate else None,
+            "latestVersion": self.latest_version,
+            "data": asdict(self.stream.stats),
+        }
+
+    def state_dict(self) -> dict:
+        """Everything beyond the adapter weights needed to resume at this step boundary."""
+        if self._work is not None or self._queue:
+            raise RuntimeError("a checkpoint is only taken between optimizer steps")
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "busy_seconds": self.busy_seconds,
+            "data_position": asdict(self.stream.position),
+            "data_stats": asdict(self.stream.stats),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.loss = state["step"], state["tokens"], state["loss"]
+        self.busy_seconds = state["busy_seconds"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        stream = self.stream
+        self.stream = SequenceStream(
+            stream.path,
+            stream.fmt,
+            stream.tokenizer,
+            stream.max_seq_len,
+            DataPosition(**state["data_position"]),
+        )
+        self.stream.stats.__dict__.update(state["data_stats"])
+
+    def publish(self) -> int:
+        """Write the adapter + checkpoint as a new version; returns its number."""
+
+        def write(folder: Path) -> None:
+            self.lora.save_pretrained(folder, self.base_model)
+            torch.save(self.state_dict(), folder / TRAINER_STATE)
+
+        metadata = {"step": self.step, "loss": self.loss, "tokens": self.tokens, "time": time.time()}
+        self.latest_version, _ = self.store.publish(write, metadata)
+        return self.latest_version
+
+    def resume(self) -> int:
+        """Continue from the latest version (weights and checkpoint); returns its step."""
+        from safetensors.torch import load_file
+
+        folder = self.store.latest()
+        if folder is None:
+            raise FileNotFoundError(f"no version of adapter {self.store.folder.name!r} to resume from")
+        self.lora.load_peft_state_dict(load_file(folder / "adapter_model.safetensors"))
+        self.load_state_dict(torch.load(folder / TRAINER_STATE, weights_only=True))
+        self.latest_version = int(folder.name[1:])
+        return self.step
+
+
+def train(
+    model: CausalLM,
+    tokenizer,
+    job: FinetuneJobSpec,
+    adapter_root: Path,
+    adapter: str,
+    *,
+    token_budget: int = 512,
+    until_step: int | None = None,
+    **runner_options,
+) -> FinetuneRunner:
+    """Fine-tune alone: ``run_work(token_budget)`` until the job (or ``until_step``) is done."""
+    runner = FinetuneRunner(model, tokenizer, job, adapter_root, adapter, **runner_options)
+    stop = runner.total_steps if until_step is None else min(until_step, runner.total_steps)
+    while runner.step < stop:
+        runner.run_work(token_budget)
+    return runner

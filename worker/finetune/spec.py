@@ -1,0 +1,90 @@
+"""``FinetuneJobSpec``: the FinetuneJob custom resource's ``spec`` (camelCase), validated.
+
+Field names and defaults follow ``crds/flexllm.ai_finetunejobs.yaml``; ``training.warmupSteps``,
+``training.maxGradNorm`` and ``training.weightDecay`` are extras the CRD does not carry yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from flexllm.worker.engine.model import LORA_TARGETS
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Spec):
+    source: str = Field(min_length=1)  # file:///abs/path, file://rel/path or a plain path
+    format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
+
+    def resolve(self, root: Path | None = None) -> Path:
+        """The dataset's local path; with ``root``, relative paths live under it and may not leave it."""
+        raw = self.source.removeprefix("file://")
+        path = Path(raw)
+        if root is None:
+            return path
+        root = root.resolve()
+        path = (path if path.is_absolute() else root / path).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"dataset source {self.source!r} is outside the allowed root {str(root)!r}")
+        return path
+
+
+class LoraSpec(_Spec):
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+        return tuple(t for t in LORA_TARGETS if t in targets)  # canonical order, no duplicates
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class TrainingSpec(_Spec):
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_tokens: int = Field(default=2048, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    max_seq_len: int = Field(default=512, ge=2)
+    seed: int = 0
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)  # None: no clipping
+    weight_decay: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of training.maxSteps and training.epochs")
+        return self
+
+
+class PublishSpec(_Spec):
+    every_steps: int = Field(default=50, ge=1)
+    keep_versions: int = Field(default=5, ge=1)
+
+
+class FinetuneJobSpec(_Spec):
+    """The CR's ``spec``; ``inferenceService`` is only needed by the operator, so optional here."""
+
+    inference_service: str | None = None
+    dataset: DatasetSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec
+    publish: PublishSpec = PublishSpec()
