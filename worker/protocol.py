@@ -80,3 +80,25 @@ def replica_pattern(service: str) -> str:
 # the operator shows it in the InferenceService's AdaptersLoaded condition.
 REPLICA_FIELDS = ("adapters", "ready", "updated", "failed")
 CANCEL_FLAG_TTL_S = 24 * 3600  # the operator keeps a deleted job's cancel flag this long
+
+
+# Appended for the serving side (worker/api, worker/queue, worker/adapters).
+OUTPUT_TTL_S = 600  # an output stream nobody reads any more expires after this long
+
+
+def request_cancel_flag(service: str, request_id: str) -> str:
+    """String ``"1"`` once the client went away: the engine aborts the request."""
+    return f"{service_prefix(service)}:cancel:{request_id}"
+
+
+def adapter_versions(service: str) -> str:
+    """Hash ``name@vN`` -> JSON ``{"adapter", "version", "uri", "step", "loss", "time"}``: what may be served.
+
+    Announcements on ``adapter_channel`` carry ``"removed": true`` when a version is retired.
+    """
+    return f"{service_prefix(service)}:adapter-versions"
+
+
+def job_pattern(service: str) -> str:
+    """Matches every job progress hash (and its ``:cancel``/``:versions`` keys) of a service; ``*`` for all."""
+    return f"{service_prefix(service)}:job:*"

@@ -1,0 +1,115 @@
+"""Service fixtures: an embedded Valkey server, and the API + engine loop on 127.0.0.1 in threads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from flexllm.worker.api.app import ApiConfig, create_app
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.metrics import Metrics
+from flexllm.worker.queue.connection import connect
+from flexllm.worker.redis_server import EmbeddedRedis
+from flexllm.worker.serving import EngineWorker, WorkerOptions
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with EmbeddedRedis() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = connect(redis_url)
+    yield client
+    client.close()
+
+
+def unique_service() -> str:
+    return f"svc-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    app: FastAPI
+    service: str
+    adapter_dir: Path
+    redis_url: str
+    worker: EngineWorker
+
+
+class ServerThread:
+    """uvicorn in a thread on 127.0.0.1 (a free port) plus an ``EngineWorker`` thread; stopped on exit."""
+
+    def __init__(self, app: FastAPI, worker: EngineWorker | None):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.worker, self.stop = worker, threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def __enter__(self) -> str:
+        if self.worker is not None:
+            self.threads.append(self.worker.start_thread(self.stop))
+        thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), f"{thread.name} did not stop"
+
+
+def wait_ready(base_url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{base_url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.05)
+
+
+def start_server(model_dir: Path, redis_url: str, adapter_dir: Path, **api_overrides):
+    """(context manager, RunningServer-to-be) for an API + engine loop on a fresh service."""
+    service = unique_service()
+    metrics = Metrics()
+    config = ApiConfig(redis_url=redis_url, service=service, model_name="tiny", **api_overrides)
+    app = create_app(config, metrics)
+    engine_config = EngineConfig(model=str(model_dir), max_model_len=256, num_kv_blocks=64, max_num_seqs=16)
+    options = WorkerOptions(redis_url, service, f"replica-{service}", str(adapter_dir), reclaim_idle_ms=1000)
+    worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
+                          on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len))
+    return ServerThread(app, worker), app, service, worker
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, redis_url, tmp_path_factory) -> Iterator[RunningServer]:
+    adapter_dir = tmp_path_factory.mktemp("adapters")
+    threads, app, service, worker = start_server(tiny_llama_dir, redis_url, adapter_dir)
+    with threads as base_url:
+        wait_ready(base_url)
+        yield RunningServer(base_url, app, service, adapter_dir, redis_url, worker)

@@ -1,0 +1,129 @@
+"""The adapter store: ``<root>/<adapter>/v<N>/`` PEFT folders, published atomically, garbage-collected."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flexllm.worker.engine.lora import validate_adapter_name
+
+_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+_VERSIONED = re.compile(r"^(?P<adapter>.+)@v(?P<version>[0-9]+)$")
+
+
+def version_name(adapter: str, version: int) -> str:
+    """The name a version is served under: ``<adapter>@v<N>``."""
+    return f"{adapter}@v{version}"
+
+
+def split_version_name(name: str) -> tuple[str, int | None]:
+    """``"a@v3"`` -> ``("a", 3)``; ``"a"`` -> ``("a", None)``."""
+    match = _VERSIONED.match(name)
+    return (match["adapter"], int(match["version"])) if match else (name, None)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One published version (also the JSON of the registry and of ``job:{job}:versions``)."""
+
+    adapter: str
+    version: int
+    uri: str  # file:// URI of the PEFT folder on the shared volume
+    step: int = 0
+    loss: float = 0.0
+    time: str = field(default_factory=_now)
+
+    @property
+    def name(self) -> str:
+        return version_name(self.adapter, self.version)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.uri.removeprefix("file://"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: str) -> AdapterVersion:
+        return cls(**json.loads(data))
+
+
+class AdapterStore:
+    """PEFT adapter versions under one root folder (a shared volume in a cluster)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, adapter: str, version: int) -> Path:
+        validate_adapter_name(adapter)
+        if "@" in adapter:
+            raise ValueError(f"adapter name {adapter!r} must not carry a version")
+        return self.root / adapter / f"v{int(version)}"
+
+    def versions(self, adapter: str) -> list[int]:
+        """Published versions of ``adapter``, oldest first."""
+        return self._numbers(adapter, published_only=True)
+
+    def _numbers(self, adapter: str, published_only: bool) -> list[int]:
+        base = self.folder(adapter, 0).parent
+        if not base.is_dir():
+            return []
+        found = (_VERSION_DIR.match(p.name) for p in base.iterdir()
+                 if not published_only or (p / "adapter_config.json").exists())
+        return sorted(int(m[1]) for m in found if m)
+
+    def adapters(self) -> list[str]:
+        """Every adapter with at least one version (temporary folders start with '.' and are skipped)."""
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and self.versions(p.name))
+
+    def describe(self, adapter: str, version: int, step: int = 0, loss: float = 0.0) -> AdapterVersion:
+        return AdapterVersion(adapter, version, f"file://{self.folder(adapter, version)}", step, loss)
+
+    def publish(self, adapter: str, write: Callable[[Path], None], step: int = 0, loss: float = 0.0
+                ) -> AdapterVersion:
+        """Write a new version with ``write(folder)`` (e.g. ``peft_model.save_pretrained``) into a temporary
+        folder, then rename it to the next free ``v<N>``: readers never see a half-written version."""
+        self.folder(adapter, 0).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{adapter}-"))
+        try:
+            write(tmp)
+            if not (tmp / "adapter_config.json").exists():
+                raise ValueError(f"publishing {adapter!r}: the writer produced no adapter_config.json")
+            while True:
+                version = (self._numbers(adapter, published_only=False) or [0])[-1] + 1
+                target = self.folder(adapter, version)
+                try:
+                    os.mkdir(target)  # reserve the number; a concurrent publisher takes the next one
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)  # atomic: onto the empty reserved folder
+                return self.describe(adapter, version, step, loss)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish_folder(self, adapter: str, source: str | Path, step: int = 0, loss: float = 0.0) -> AdapterVersion:
+        """Publish a copy of an existing PEFT folder."""
+        return self.publish(adapter, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), step, loss)
+
+    def gc(self, adapter: str, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` versions; returns the deleted version numbers."""
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        doomed = self.versions(adapter)[:-keep]
+        for version in doomed:
+            shutil.rmtree(self.folder(adapter, version), ignore_errors=True)
+        return doomed

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics."""

@@ -1,0 +1,109 @@
+"""FinetuneJob intake (job stream, consumer group ``engines``), progress hashes and cancel flags."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from flexllm.worker import protocol
+
+
+@dataclass
+class JobSubmission:
+    """A job entry: the FinetuneJob's name, namespace and CR spec (camelCase, as in the YAML)."""
+
+    name: str
+    namespace: str
+    spec: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: str) -> JobSubmission:
+        raw = json.loads(data)
+        return cls(str(raw["name"]), str(raw.get("namespace", "default")), dict(raw["spec"]))
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "namespace": self.namespace, "spec": self.spec})
+
+
+class JobQueue:
+    """One service's job stream, progress and cancel flags (the worker and CLI side of the protocol)."""
+
+    def __init__(self, client: redis.Redis, service: str):
+        self.client, self.service = client, service
+        self.stream = protocol.job_stream(service)
+
+    def submit(self, job: JobSubmission) -> bool:
+        """Queue a job unless one of that name exists; True if queued now (same rule as the operator)."""
+        progress = protocol.job_progress(self.service, job.name)
+        if not self.client.hsetnx(progress, "phase", "Queued"):
+            return False
+        self.client.hset(progress, mapping={"step": 0, "updated": int(time.time())})
+        self.client.delete(protocol.job_cancel_flag(self.service, job.name))
+        self.client.xadd(self.stream, {"data": job.to_json()})
+        return True
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, protocol.ENGINE_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def claim(self, consumer: str, count: int = 8) -> list[tuple[str, JobSubmission | None]]:
+        """New job entries for ``consumer``; an unreadable entry comes back as ``None``."""
+        reply = self.client.xreadgroup(protocol.ENGINE_GROUP, consumer, {self.stream: ">"}, count=count)
+        claimed: list[tuple[str, JobSubmission | None]] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                try:
+                    claimed.append((entry_id, JobSubmission.from_json(fields["data"])))
+                except (KeyError, TypeError, ValueError):
+                    claimed.append((entry_id, None))
+        return claimed
+
+    def ack(self, entry_id: str) -> None:
+        self.client.xack(self.stream, protocol.ENGINE_GROUP, entry_id)
+
+    def depth(self) -> int:
+        """Job entries not yet taken by any engine."""
+        if not self.client.exists(self.stream):
+            return 0
+        groups = {g["name"]: g for g in self.client.xinfo_groups(self.stream)}
+        group = groups.get(protocol.ENGINE_GROUP)
+        return self.client.xlen(self.stream) if group is None else int(group.get("lag") or 0)
+
+    def set_progress(self, job: str, **fields: Any) -> None:
+        """Update ``PROGRESS_FIELDS`` of a job (``updated`` is set here)."""
+        unknown = set(fields) - set(protocol.PROGRESS_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown progress fields {sorted(unknown)}")
+        mapping = {k: v for k, v in fields.items() if v is not None} | {"updated": int(time.time())}
+        self.client.hset(protocol.job_progress(self.service, job), mapping=mapping)
+
+    def progress(self, job: str) -> dict[str, str]:
+        return self.client.hgetall(protocol.job_progress(self.service, job))
+
+    def is_cancelled(self, job: str) -> bool:
+        return self.client.get(protocol.job_cancel_flag(self.service, job)) == "1"
+
+    def cancel(self, job: str) -> None:
+        self.client.set(protocol.job_cancel_flag(self.service, job), "1", ex=protocol.CANCEL_FLAG_TTL_S)
+
+    def latest_version(self, job: str) -> dict[str, Any] | None:
+        last = self.client.lindex(protocol.job_versions(self.service, job), -1)
+        return json.loads(last) if last else None
+
+
+def list_jobs(client: redis.Redis, service: str | None) -> list[tuple[str, str]]:
+    """(service, job) of every progress hash, for one service or (``None``) all of them."""
+    prefix = f"{protocol.PREFIX}:"
+    found = []
+    for key in client.scan_iter(match=protocol.job_pattern(service or "*"), count=500):
+        svc, _, rest = key.removeprefix(prefix).partition(":job:")
+        if rest and ":" not in rest:
+            found.append((svc, rest))
+    return sorted(found)

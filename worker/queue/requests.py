@@ -1,0 +1,147 @@
+"""The request stream (consumer group ``engines``) and the per-request output streams.
+
+Delivery is at-least-once: an engine acknowledges (XACK + XDEL) a request only after its final chunk
+is in Redis. A request left pending by a dead engine is reclaimed with XAUTOCLAIM by another one,
+which resumes it after the tokens already streamed (see ``RequestConsumer.emitted``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aredis
+
+from flexllm.worker import protocol
+from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
+
+
+class OutputTimeout(TimeoutError):
+    """No output arrived for a request within the timeout (no engine is consuming?)."""
+
+
+class RequestProducer:
+    """The API's side: enqueue a request, stream its outputs back, cancel it."""
+
+    def __init__(self, client: aredis.Redis, service: str):
+        self.client, self.service = client, service
+        self.stream = protocol.request_stream(service)
+
+    async def depth(self) -> int:
+        """Requests queued or in progress (engines delete an entry once it is done)."""
+        return await self.client.xlen(self.stream)
+
+    async def submit(self, request: InferenceRequest) -> None:
+        """Returns once the request is stored in Redis."""
+        await self.client.xadd(self.stream, {"data": request.to_json()})
+
+    async def outputs(self, request_id: str, timeout_s: float) -> AsyncIterator[OutputChunk]:
+        """The request's chunks in order, up to the finished one; deletes the output stream after."""
+        key, last_id = protocol.output_stream(self.service, request_id), "0"
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                wait_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+                reply = await self.client.xread({key: last_id}, block=max(wait_ms, 1), count=256)
+                if not reply:
+                    raise OutputTimeout(f"no output for request {request_id} within {timeout_s:.0f} s")
+                for entry_id, fields in reply[0][1]:
+                    last_id = entry_id
+                    chunk = OutputChunk.from_json(fields["data"])
+                    yield chunk
+                    if chunk.finished:
+                        return
+                deadline = time.monotonic() + timeout_s
+        finally:
+            await self.client.delete(key)
+
+    async def cancel(self, request_id: str) -> None:
+        await self.client.set(protocol.request_cancel_flag(self.service, request_id), "1",
+                              ex=protocol.OUTPUT_TTL_S)
+
+
+@dataclass
+class ClaimedRequest:
+    entry_id: str
+    request: InferenceRequest
+    reclaimed: bool  # taken over from a consumer that stopped answering
+
+
+class RequestConsumer:
+    """An engine's side: claim requests (new or reclaimed), push output chunks, acknowledge."""
+
+    def __init__(self, client: redis.Redis, service: str, consumer: str, reclaim_idle_ms: int = 30_000):
+        self.client, self.service, self.consumer = client, service, consumer
+        self.stream = protocol.request_stream(service)
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self._reclaim_cursor = "0-0"
+        self._next_reclaim = 0.0
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, protocol.ENGINE_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def claim(self, count: int, block_ms: int) -> list[ClaimedRequest]:
+        """Up to ``count`` requests: first those pending on dead consumers, then new ones."""
+        if count <= 0:
+            return []
+        claimed = self._reclaim(count)
+        if len(claimed) < count:
+            block = block_ms if not claimed and block_ms > 0 else None
+            reply = self.client.xreadgroup(protocol.ENGINE_GROUP, self.consumer, {self.stream: ">"},
+                                           count=count - len(claimed), block=block)
+            for _, entries in reply or []:
+                claimed += [ClaimedRequest(eid, InferenceRequest.from_json(f["data"]), False) for eid, f in entries]
+        return claimed
+
+    def _reclaim(self, count: int) -> list[ClaimedRequest]:
+        """Entries idle for ``reclaim_idle_ms`` on any consumer (checked every quarter of that time)."""
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return []
+        cursor, entries, _deleted = self.client.xautoclaim(
+            self.stream, protocol.ENGINE_GROUP, self.consumer, self.reclaim_idle_ms,
+            start_id=self._reclaim_cursor, count=count)
+        self._reclaim_cursor = cursor
+        if cursor == "0-0":  # scanned the whole pending list: wait before the next scan
+            self._next_reclaim = now + self.reclaim_idle_ms / 4000
+        return [ClaimedRequest(eid, InferenceRequest.from_json(f["data"]), True) for eid, f in entries if f]
+
+    def heartbeat(self, entry_ids: list[str]) -> None:
+        """Reset the idle time of requests this consumer still works on, so nobody reclaims them."""
+        if entry_ids:
+            self.client.xclaim(self.stream, protocol.ENGINE_GROUP, self.consumer, 0, entry_ids, justid=True)
+
+    def emitted(self, request_id: str) -> list[OutputChunk]:
+        """Chunks already streamed for a request (by a consumer that died)."""
+        entries = self.client.xrange(protocol.output_stream(self.service, request_id))
+        return [OutputChunk.from_json(fields["data"]) for _, fields in entries]
+
+    def push(self, chunks: list[tuple[str, OutputChunk]]) -> None:
+        """Append chunks to their requests' output streams in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for request_id, chunk in chunks:
+            key = protocol.output_stream(self.service, request_id)
+            pipe.xadd(key, {"data": chunk.to_json()})
+            pipe.expire(key, protocol.OUTPUT_TTL_S)
+        pipe.execute()
+
+    def complete(self, entry_ids: list[str]) -> None:
+        """Acknowledge and delete finished requests (call only once their final chunk is pushed)."""
+        if entry_ids:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xack(self.stream, protocol.ENGINE_GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
+            pipe.execute()
+
+    def cancelled(self, request_ids: list[str]) -> list[str]:
+        """The requests among ``request_ids`` whose client went away."""
+        if not request_ids:
+            return []
+        flags = self.client.mget([protocol.request_cancel_flag(self.service, rid) for rid in request_ids])
+        return [rid for rid, flag in zip(request_ids, flags, strict=True) if flag]

@@ -1,0 +1,252 @@
+"""The serving loop: Redis request stream -> ``engine.step()`` -> per-request output streams.
+
+One ``ServingLoop`` per engine (replica). ``run_once`` is one iteration; ``engine_step`` is the seam
+where co-serving fuses fine-tuning work into the iteration (``JobHandler.run_work`` until then).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from flexllm.worker.adapters.registry import AdapterRegistry
+from flexllm.worker.adapters.store import AdapterStore
+from flexllm.worker.adapters.sync import AdapterSync
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.lora import UnknownAdapterError
+from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.metrics import Metrics
+from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, with_backoff
+from flexllm.worker.queue.intake import JobHandler, JobIntake, QueueOnlyJobHandler
+from flexllm.worker.queue.jobs import JobQueue
+from flexllm.worker.queue.messages import OutputChunk
+from flexllm.worker.queue.requests import ClaimedRequest, RequestConsumer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActiveRequest:
+    entry_id: str
+    prompt_tokens: int  # of the original prompt
+    resumed_tokens: int  # output tokens streamed by a previous consumer before it died
+    want_logprobs: bool
+    prefilled: bool = False
+
+
+class ServingLoop:
+    """Claims requests, steps the engine, streams outputs, acknowledges only what is durable."""
+
+    def __init__(self, engine: LLMEngine, requests: RequestConsumer, adapters: AdapterSync | None = None,
+                 jobs: JobIntake | None = None, metrics: Metrics | None = None, idle_block_ms: int = 100,
+                 housekeeping_s: float = 0.25):
+        self.engine, self.requests, self.adapters, self.jobs = engine, requests, adapters, jobs
+        self.metrics = metrics
+        self.idle_block_ms, self.housekeeping_s = idle_block_ms, housekeeping_s
+        self.active: dict[str, ActiveRequest] = {}
+        self.outbox: list[tuple[str, OutputChunk]] = []  # chunks not yet in Redis (kept across outages)
+        self.done: list[str] = []  # entry ids to acknowledge once the outbox is flushed
+        self._next_housekeeping = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event, drain_s: float = 30.0) -> None:
+        """Iterate until ``stop``; then finish the requests in flight (up to ``drain_s``) without taking more."""
+        self.requests.ensure_group()
+        if self.jobs is not None:
+            self.jobs.queue.ensure_group()
+        delay = 0.5
+        while not stop.is_set():
+            delay = self._guarded(self.run_once, delay, stop)
+        deadline = time.monotonic() + drain_s
+        while (self.active or self.outbox) and time.monotonic() < deadline:
+            delay = self._guarded(self.drain_once, delay, threading.Event())
+
+    @staticmethod
+    def _guarded(iteration, delay: float, stop: threading.Event) -> float:
+        try:
+            iteration()
+            return 0.5
+        except TRANSIENT_ERRORS as error:
+            log.error("Redis unreachable: %s; retrying in %.1f s", error, delay)
+            stop.wait(delay)
+            return min(delay * 2, 30.0)
+
+    def run_once(self) -> list[RequestOutput]:
+        """One iteration: flush, hot-load adapters, take jobs and requests, step, stream, acknowledge."""
+        self.flush()
+        if self.adapters is not None:
+            self.adapters.reconcile()
+        if self.jobs is not None:
+            self.jobs.poll()
+        busy = self.engine.has_unfinished_requests() or (self.jobs is not None and self.jobs.handler.has_work())
+        for claimed in self.requests.claim(self.engine.config.max_num_seqs - len(self.active),
+                                           0 if busy else self.idle_block_ms):
+            self.start(claimed)
+        self._housekeeping()
+        return self._step_and_flush()
+
+    def drain_once(self) -> list[RequestOutput]:
+        self.flush()
+        return self._step_and_flush()
+
+    def _step_and_flush(self) -> list[RequestOutput]:
+        outputs = self.engine_step()
+        self.collect(outputs)
+        self.flush()
+        return outputs
+
+    def engine_step(self) -> list[RequestOutput]:
+        """One engine iteration. Co-serving seam: replace with the fused inference + fine-tuning step."""
+        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        if self.jobs is not None:
+            self.jobs.handler.run_work()
+        if outputs and self.metrics is not None:
+            self.metrics.engine_steps.inc()
+        return outputs
+
+    # -- requests ---------------------------------------------------------------------------
+    def start(self, claimed: ClaimedRequest) -> None:
+        """Add a claimed request to the engine; a reclaimed one resumes after what was streamed."""
+        request, rid = claimed.request, claimed.request.request_id
+        if rid in self.active:
+            return
+        resumed: list[int] = []
+        if claimed.reclaimed:
+            emitted = self.requests.emitted(rid)
+            if emitted and emitted[-1].finished:  # its consumer died between the last chunk and the ack
+                self.done.append(claimed.entry_id)
+                return
+            resumed = [t for chunk in emitted for t in chunk.token_ids]
+            log.info("resuming request %s after %d streamed tokens", rid, len(resumed))
+        try:
+            params = request.sampling_params()
+            if resumed:
+                params = replace(params, max_tokens=params.max_tokens - len(resumed))
+            if request.lora is not None and self.adapters is not None:
+                self.adapters.ensure(request.lora)
+            self.engine.add_request(rid, request.prompt_token_ids + resumed, params, request.lora)
+        except UnknownAdapterError as error:
+            self._fail(claimed.entry_id, rid, OutputChunk.failure(404, "NotFoundError", str(error)))
+        except (ValueError, TypeError) as error:
+            self._fail(claimed.entry_id, rid, OutputChunk.failure(400, "BadRequestError", str(error)))
+        else:
+            self.active[rid] = ActiveRequest(claimed.entry_id, len(request.prompt_token_ids), len(resumed),
+                                             params.logprobs is not None)
+
+    def _fail(self, entry_id: str, request_id: str, chunk: OutputChunk) -> None:
+        self.outbox.append((request_id, chunk))
+        self.done.append(entry_id)
+
+    def collect(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            active = self.active.get(out.request_id)
+            if active is None:
+                continue
+            chunk = OutputChunk.from_output(out, active.prompt_tokens, active.resumed_tokens, active.want_logprobs)
+            self.outbox.append((out.request_id, chunk))
+            if self.metrics is not None:
+                if not active.prefilled:
+                    self.metrics.tokens.labels("prompt").inc(out.num_prompt_tokens)
+                self.metrics.tokens.labels("generation").inc(len(out.delta_token_ids))
+            active.prefilled = True
+            if out.finished:
+                self.done.append(active.entry_id)
+                del self.active[out.request_id]
+        if self.metrics is not None:
+            self.metrics.running.set(len(self.active))
+
+    def flush(self) -> None:
+        """Push pending chunks, then acknowledge the requests whose last chunk is now in Redis."""
+        if self.outbox:
+            self.requests.push(self.outbox)
+            self.outbox = []
+        if self.done:
+            self.requests.complete(self.done)
+            self.done = []
+
+    def _housekeeping(self) -> None:
+        """Every ``housekeeping_s``: abort requests whose client left; keep our pending entries alive."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.housekeeping_s
+        for rid in self.requests.cancelled(list(self.active)):
+            self.engine.abort(rid)
+            self.done.append(self.active.pop(rid).entry_id)
+            log.info("request %s aborted: the client went away", rid)
+        self.requests.heartbeat([a.entry_id for a in self.active.values()])
+
+
+@dataclass
+class WorkerOptions:
+    """Where an engine loop gets its work and adapters, and who it is."""
+
+    redis_url: str
+    service: str = "default"
+    replica: str = "local"  # the pod name in a cluster: the key of its replica hash
+    adapter_dir: str | None = None
+    reclaim_idle_ms: int = 30_000
+
+
+JobHandlerFactory = Callable[[JobQueue, LLMEngine, Metrics], JobHandler]
+
+
+def queue_only(queue: JobQueue, engine: LLMEngine, metrics: Metrics) -> JobHandler:
+    return QueueOnlyJobHandler(queue)
+
+
+class EngineWorker:
+    """Loads the engine, wires it to Redis (requests, jobs, adapters) and runs its ``ServingLoop``.
+
+    ``job_handler`` is the fine-tuning seam: a factory for the ``JobHandler`` the loop drives.
+    """
+
+    def __init__(self, engine_config: EngineConfig, options: WorkerOptions, metrics: Metrics,
+                 parse_spec: Callable[[dict], object], job_handler: JobHandlerFactory = queue_only,
+                 on_ready: Callable[[LLMEngine], None] | None = None):
+        self.engine_config, self.options, self.metrics = engine_config, options, metrics
+        self.parse_spec, self.job_handler, self.on_ready = parse_spec, job_handler, on_ready
+        self.failed: BaseException | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        opts = self.options
+        client = connect(opts.redis_url)
+        with_backoff(client.ping, "engine loop start", opts.redis_url)
+        engine = LLMEngine(self.engine_config)
+        consumer = f"{opts.replica}-{os.getpid()}"
+        adapters = AdapterSync(client, opts.service, opts.replica, engine)
+        if opts.adapter_dir is not None:
+            AdapterRegistry(client, opts.service).sync_from_store(AdapterStore(opts.adapter_dir))
+        queue = JobQueue(client, opts.service)
+        jobs = JobIntake(queue, consumer, self.job_handler(queue, engine, self.metrics), self.parse_spec)
+        loop = ServingLoop(engine, RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms),
+                           adapters, jobs, self.metrics)
+        adapters.start()
+        log.info("engine loop %s serving %s (service %s)", consumer, engine.model_path, opts.service)
+        if self.on_ready is not None:
+            self.on_ready(engine)
+        try:
+            loop.run(stop)
+        finally:
+            adapters.stop()
+            client.close()
+
+    def start_thread(self, stop: threading.Event) -> threading.Thread:
+        """Run in a thread (``flexllm serve``); a crash is logged and kept in ``failed``."""
+
+        def target() -> None:
+            try:
+                self.run(stop)
+            except BaseException as error:
+                self.failed = error
+                log.exception("the engine loop stopped")
+                raise
+
+        thread = threading.Thread(target=target, name="engine-loop", daemon=True)
+        thread.start()
+        return thread
