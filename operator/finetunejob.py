@@ -78,8 +78,10 @@ def cancel(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, memo: ko
     """Raises the cancel flag, waits (bounded) for a running job to stop, then cleans its Redis state."""
     key = service_key(namespace, spec.get("inferenceService", ""))
     with transient_redis_errors(CONFIG.retry_delay_s):
-        memo.store.cancel(key, name)
         phase = memo.store.progress(key, name).get("phase")
+        if phase is None:
+            return  # never queued (invalid, or its service never appeared): nothing in Redis
+        memo.store.cancel(key, name)
     if phase == "Running" and runtime.total_seconds() < CONFIG.cancel_wait_s:
         raise kopf.TemporaryError("waiting for the engine to stop the job", delay=1)
     with transient_redis_errors(CONFIG.retry_delay_s):

@@ -208,6 +208,12 @@ def test_invalid_job_fails_with_a_clear_message(kubectl, tmp_path, name, edit, r
     assert words in status["message"]
 
 
+def test_deleting_a_never_queued_job_leaves_nothing_in_redis(kubectl, api_server, redis_client, wait_for):
+    kubectl("delete", "finetunejob", "bad-optimizer", "--wait=false")
+    wait_for(lambda: "bad-optimizer" not in api_server.objects("finetunejobs"), what="job deleted")
+    assert redis_client.keys("*bad-optimizer*") == []
+
+
 def test_kopf_state_lives_in_annotations_that_structural_pruning_keeps(kubectl, structural_prune, wait_for):
     """kopf's progress and diff-base are annotations; everything the operator put in .status is in the schema."""
     for kind, name in (("inferenceservices.flexllm.ai", "smollm2"), ("finetunejobs", "early-job")):
