@@ -75,7 +75,7 @@ def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[s
 def worker_env(config: OperatorConfig) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "FLEXLLM_REDIS_URL", "value": config.redis_url},
-        {"name": "FLEXLLM_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HOME", "value": "/tmp"},
     ]
     if config.redis_secret:
