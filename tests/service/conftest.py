@@ -113,3 +113,25 @@ def server(tiny_llama_dir, redis_url, tmp_path_factory) -> Iterator[RunningServe
     with threads as base_url:
         wait_ready(base_url)
         yield RunningServer(base_url, app, service, adapter_dir, redis_url, worker)
+
+
+def write_peft_adapter(model_dir: Path, folder: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A real PEFT LoRA adapter (q_proj, v_proj) for the tiny model, with non-zero B so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+    return write_peft_adapter(tiny_llama_dir, tmp_path_factory.mktemp("peft-adapter"))

@@ -40,7 +40,7 @@ def _options(url: str) -> dict:
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"unsupported Redis URL scheme {scheme!r} in {redacted(url)}: use redis:// or rediss://")
-    options: dict = dict(decode_responses=True, socket_connect_timeout=5, health_check_interval=30,
+    options: dict = dict(decode_responses=True, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
                          retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3),
                          retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     if os.environ.get(PASSWORD_ENV) and urlsplit(url).password is None:

@@ -17,6 +17,8 @@ import redis.asyncio as aredis
 from flexllm.worker import protocol
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
+BLOCK_MS = 2000  # longest blocking read: well under the client's socket timeout
+
 
 class OutputTimeout(TimeoutError):
     """No output arrived for a request within the timeout (no engine is consuming?)."""
@@ -44,9 +46,11 @@ class RequestProducer:
         try:
             while True:
                 wait_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                reply = await self.client.xread({key: last_id}, block=max(wait_ms, 1), count=256)
+                reply = await self.client.xread({key: last_id}, block=max(min(wait_ms, BLOCK_MS), 1), count=256)
                 if not reply:
-                    raise OutputTimeout(f"no output for request {request_id} within {timeout_s:.0f} s")
+                    if time.monotonic() >= deadline:
+                        raise OutputTimeout(f"no output for request {request_id} within {timeout_s:.0f} s")
+                    continue
                 for entry_id, fields in reply[0][1]:
                     last_id = entry_id
                     chunk = OutputChunk.from_json(fields["data"])

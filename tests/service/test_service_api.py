@@ -1,0 +1,161 @@
+"""The OpenAI API end to end: real openai client, uvicorn on 127.0.0.1, embedded Valkey, engine thread."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from flexllm.worker.adapters.publisher import AdapterPublisher
+from flexllm.worker.adapters.registry import AdapterRegistry
+from flexllm.worker.adapters.store import AdapterStore
+from flexllm.worker.api.app import ApiConfig, create_app
+from flexllm.worker.protocol import replica_state
+
+from .conftest import ServerThread, unique_service
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_completion_non_streaming_and_streaming_agree(client):
+    full = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12 and full.usage.prompt_tokens > 0
+    stream = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12,
+                                       temperature=0, stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == full.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_completion_streaming_with_usage_and_logprobs(client):
+    messages = [{"role": "user", "content": "Say hi"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.role == "assistant"
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_stop_string_and_seeded_sampling(client):
+    first = client.completions.create(model="tiny", prompt="a b c", max_tokens=20, temperature=1.0, seed=7,
+                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(model="tiny", prompt="a b c", max_tokens=20, temperature=1.0, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert first.choices[0].text == again.choices[0].text
+    stop = first.choices[0].text[3:6]
+    cut = client.completions.create(model="tiny", prompt="a b c", max_tokens=20, temperature=1.0, seed=7,
+                                    stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+
+
+def test_errors_have_openai_shape_and_server_keeps_serving(server, client):
+    raw = httpx.post(f"{server.base_url}/v1/completions", content=b"{not json", timeout=10,
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "BadRequestError"
+    with pytest.raises(openai.BadRequestError) as negative:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=-3)
+    assert "max_tokens" in negative.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=10_000)  # beyond the context
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.APIStatusError) as huge:
+        client.completions.create(model="tiny", prompt="x" * (10 << 20), max_tokens=2)
+    assert huge.value.status_code == 413 and "exceeds" in huge.value.body["message"]
+    ok = client.completions.create(model="tiny", prompt="still there?", max_tokens=3)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_models_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data][0] == "tiny"
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in ("flexllm_time_to_first_token_seconds_bucket", "flexllm_time_per_output_token_seconds_bucket",
+                 'flexllm_tokens_total{kind="generation"}', 'flexllm_queue_depth{queue="requests"}',
+                 "flexllm_slo_attainment", "flexllm_requests_total"):
+        assert name in text, name
+    assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
+
+
+def _wait(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_adapter_versions_hot_load_and_are_addressable(server, client, redis_client, peft_adapter):
+    store = AdapterStore(server.adapter_dir)
+    publisher = AdapterPublisher(store, AdapterRegistry(redis_client, server.service))
+    v1 = publisher.publish("sql", lambda d: store_copy(peft_adapter, d), step=10, loss=1.5, keep_versions=2)
+    replica_key = replica_state(server.service, f"replica-{server.service}")
+    _wait(lambda: "sql@v1" in json.loads(redis_client.hget(replica_key, "adapters") or "[]"))
+    ids = [m.id for m in client.models.list().data]
+    assert {"sql", "sql@v1"} <= set(ids)
+    prompt = dict(prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    base = client.completions.create(model="tiny", **prompt).choices[0].text
+    tuned = client.completions.create(model="sql", **prompt).choices[0].text
+    assert tuned != base
+    assert client.completions.create(model="sql@v1", **prompt).choices[0].text == tuned
+
+    broken = store.describe("sql", 2)  # registered, but its folder was never written
+    AdapterRegistry(redis_client, server.service).register(broken)
+    failed = _wait(lambda: json.loads(redis_client.hget(replica_key, "failed") or "{}"))
+    assert "sql@v2" in failed
+    assert "sql@v2" not in json.loads(redis_client.hget(replica_key, "adapters"))
+    assert client.completions.create(model="sql@v1", **prompt).choices[0].text == tuned  # still served
+    AdapterRegistry(redis_client, server.service).retire([broken])
+    assert v1.name == "sql@v1"
+
+
+def store_copy(source, folder) -> None:
+    import shutil
+
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+
+
+def test_not_ready_queue_full_and_api_key(tiny_llama_dir, redis_url):
+    config = ApiConfig(redis_url=redis_url, service=unique_service(), model_name="tiny", max_queued_requests=0,
+                       api_key="secret")
+    app = create_app(config)
+    with ServerThread(app, None) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="secret", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as loading:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert loading.value.status_code == 503
+        assert httpx.get(f"{base_url}/readyz").status_code == 503
+        app.state.api.attach_model(AutoTokenizer.from_pretrained(tiny_llama_dir), 256)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_redis_down_gives_503(tiny_llama_dir):
+    from .conftest import free_port
+
+    app = create_app(ApiConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", service="x", model_name="tiny"))
+    app.state.api.attach_model(AutoTokenizer.from_pretrained(tiny_llama_dir), 256)
+    with ServerThread(app, None) as base_url:
+        reply = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=30)
+        assert reply.status_code == 503 and "unreachable" in reply.json()["error"]["message"]
+        assert httpx.get(f"{base_url}/metrics").status_code == 200
