@@ -90,3 +90,13 @@ def random_sequences(vocab: int, lengths: list[int], seed: int = 0) -> list[Trai
 
 def max_rel_error(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     return max(float((ours[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+
+def write_dataset(path: Path, lines: int = 24, bad: tuple[str, ...] = ()) -> Path:
+    """A prompt/completion JSONL file (plus the given bad lines, placed after the first line)."""
+    import json
+
+    rows = [json.dumps({"prompt": f"Question {i}: what is {i} plus {i % 5}?",
+                        "completion": f" The answer is {i + i % 5}."}) for i in range(lines)]
+    path.write_text("\n".join(rows[:1] + list(bad) + rows[1:]) + "\n")
+    return path

@@ -68,8 +68,9 @@ class LoRAWeights(nn.Module):
         return [p for pair in self.pairs(layer).values() for p in pair]
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights under PEFT's keys (CPU tensors)."""
         return {
-            peft_key(layer, t, which): w.detach().cpu().contiguous()
+            peft_key(layer, t, which): w.detach().cpu().clone()
             for layer in range(self.num_layers)
             for t, pair in self.pairs(layer).items()
             for which, w in zip("AB", pair, strict=True)
