@@ -96,7 +96,14 @@ def write_dataset(path: Path, lines: int = 24, bad: tuple[str, ...] = ()) -> Pat
     """A prompt/completion JSONL file (plus the given bad lines, placed after the first line)."""
     import json
 
-    rows = [json.dumps({"prompt": f"Question {i}: what is {i} plus {i % 5}?",
-                        "completion": f" The answer is {i + i % 5}."}) for i in range(lines)]
+    rows = [
+        json.dumps(
+            {
+                "prompt": f"Question {i}: what is {i} plus {i % 5}?",
+                "completion": f" The answer is {i + i % 5}.",
+            }
+        )
+        for i in range(lines)
+    ]
     path.write_text("\n".join(rows[:1] + list(bad) + rows[1:]) + "\n")
     return path

@@ -13,15 +13,25 @@ BUDGET = 16
 
 
 def job_spec(dataset, optimizer="adamw", steps=20) -> FinetuneJobSpec:
-    return FinetuneJobSpec.model_validate({
-        "inferenceService": "tiny",
-        "dataset": {"source": f"file://{dataset}", "format": "prompt-completion"},
-        "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-        "training": {"maxSteps": steps, "learningRate": 2e-3 if optimizer == "adamw" else 0.5,
-                     "optimizer": optimizer, "batchTokens": 64, "gradientAccumulation": 2, "maxSeqLen": 40,
-                     "seed": 3, "warmupSteps": 3, "maxGradNorm": 0.5},
-        "publish": {"everySteps": 5, "keepVersions": 3},
-    })
+    return FinetuneJobSpec.model_validate(
+        {
+            "inferenceService": "tiny",
+            "dataset": {"source": f"file://{dataset}", "format": "prompt-completion"},
+            "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+            "training": {
+                "maxSteps": steps,
+                "learningRate": 2e-3 if optimizer == "adamw" else 0.5,
+                "optimizer": optimizer,
+                "batchTokens": 64,
+                "gradientAccumulation": 2,
+                "maxSeqLen": 40,
+                "seed": 3,
+                "warmupSteps": 3,
+                "maxGradNorm": 0.5,
+            },
+            "publish": {"everySteps": 5, "keepVersions": 3},
+        }
+    )
 
 
 def run_collecting_losses(runner: FinetuneRunner) -> list[float]:
@@ -40,8 +50,11 @@ def hf_reference_losses(folder, job: FinetuneJobSpec, tokenizer, initial_lora) -
     copy_into_peft(peft, initial_lora)
     params = [p for p in peft.parameters() if p.requires_grad]
     t = job.training
-    optimizer = (torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0) if t.optimizer == "adamw"
-                 else torch.optim.SGD(params, lr=t.learning_rate))
+    optimizer = (
+        torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
+        if t.optimizer == "adamw"
+        else torch.optim.SGD(params, lr=t.learning_rate)
+    )
     schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     stream = SequenceStream(job.dataset.resolve(), job.dataset.format, tokenizer, t.max_seq_len)
     losses = []
@@ -63,7 +76,9 @@ def trained(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     job = job_spec(write_dataset(tmp / "data.jsonl", bad=("not json", '{"prompt": 3}')))
     model, tokenizer = engine_model(tiny_llama_dir)
-    runner = FinetuneRunner(model, tokenizer, job, tmp / "adapters", "tiny-job", base_model=str(tiny_llama_dir))
+    runner = FinetuneRunner(
+        model, tokenizer, job, tmp / "adapters", "tiny-job", base_model=str(tiny_llama_dir)
+    )
     initial = runner.lora.peft_state_dict()
     losses = run_collecting_losses(runner)
     return model, tokenizer, job, runner, losses, initial
@@ -71,8 +86,9 @@ def trained(tiny_llama_dir, tmp_path_factory):
 
 def test_adamw_loss_curve_matches_hf_peft(trained, tiny_llama_dir):
     model, tokenizer, job, runner, losses, initial = trained
-    reference_lora = FinetuneRunner(model, tokenizer, job, runner.store.folder.parent / "unused", "x",
-                                    resume=False).lora
+    reference_lora = FinetuneRunner(
+        model, tokenizer, job, runner.store.folder.parent / "unused", "x", resume=False
+    ).lora
     reference_lora.load_peft_state_dict(initial)
     reference = hf_reference_losses(tiny_llama_dir, job, tokenizer, reference_lora)
     assert len(losses) == 20
@@ -135,11 +151,14 @@ def test_published_version_serves_same_logits_in_peft_and_engine(trained, tiny_l
     for layer in model.layers:  # a private KV cache for this one prefill
         layer.self_attn.k_cache = torch.zeros(blocks, block, args.num_kv_heads, args.head_dim)
         layer.self_attn.v_cache = torch.zeros_like(layer.self_attn.k_cache)
-    ctx = StepContext(positions=torch.arange(n), slot_mapping=torch.arange(n),
-                      block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-                      query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-                      context_lens=torch.tensor([n], dtype=torch.int32),
-                      lora=LoRABatch(torch.full((n,), slot)))
+    ctx = StepContext(
+        positions=torch.arange(n),
+        slot_mapping=torch.arange(n),
+        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        context_lens=torch.tensor([n], dtype=torch.int32),
+        lora=LoRABatch(torch.full((n,), slot)),
+    )
     with torch.no_grad():
         served = model.compute_logits(model(torch.tensor(ids), ctx))
     torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)
