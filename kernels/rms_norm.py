@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from flexllm.kernels._dispatch import use_triton
 
@@ -13,8 +14,7 @@ def rms_norm_reference(
     """x, residual: [T, H]; weight: [H] -> (normed [T, H], new residual = x + residual [T, H])."""
     if residual is not None:
         x = x + residual
-    h = x.float()
-    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # x * rsqrt(mean(x^2) + eps), in fp32
     return (weight * normed.to(x.dtype)), x
 
 

@@ -102,7 +102,10 @@ class LLMEngine:
 
     def step(self, token_budget: int | None = None) -> list[RequestOutput]:
         """Schedule, run one forward, sample: outputs for every request that advanced."""
-        batch = self.scheduler.schedule(token_budget)
+        return self.execute(self.scheduler.schedule(token_budget))
+
+    def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Run one scheduled batch (from ``scheduler.schedule``) and sample."""
         if not batch.seqs:
             return []
         logits = self.runner.execute(batch)

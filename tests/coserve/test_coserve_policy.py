@@ -1,0 +1,106 @@
+"""The hybrid token scheduler's decisions, on a latency model with known coefficients."""
+
+import random
+
+import pytest
+
+from flexllm.worker.coserve.latency import IterationShape, LatencyModel
+from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand, WeightedShare
+
+SLO_50MS = SLO(ttft_s=2.0, tpot_s=0.050)
+
+
+def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002) -> LatencyModel:
+    model = LatencyModel()
+    model.coef = [c0, c_tok, c_ctx, c_fwd, c_bwd]
+    return model
+
+
+def scheduler(model=None, policy="coserve", **kw) -> HybridScheduler:
+    return HybridScheduler(SLO_50MS, model or latency(), max_tokens_per_batch=256, max_finetune_tokens=512,
+                           policy=policy, **kw)
+
+
+def test_budgets_never_exceed_limits_and_decodes_are_never_starved():
+    rng = random.Random(0)
+    sched = scheduler()
+    for _ in range(500):
+        demand = InferenceDemand(decodes=rng.randint(0, 300), decode_context_tokens=rng.randint(0, 10_000),
+                                 prefill_tokens=rng.randint(0, 2000), min_ttft_slack_s=rng.uniform(-1, 3))
+        budget = sched.inference_budget(demand, has_finetune=True)
+        assert 0 < budget <= 256 if not demand.idle else budget == 256
+        assert budget >= min(demand.decodes, 256), "decodes starved"
+        shape = IterationShape(inference_tokens=min(budget, demand.decodes + demand.prefill_tokens))
+        ft = sched.finetune_budget(shape, "finetune_forward_tokens", idle=demand.idle)
+        assert 0 <= ft <= 512
+
+
+def test_finetuning_gets_exactly_the_leftover_time():
+    model = latency()
+    sched = scheduler(model)
+    shape = IterationShape(inference_tokens=40)
+    target = SLO_50MS.tpot_s * sched.margin
+    expected = int((target - model.predict(shape)) / model.coef[3])
+    assert sched.finetune_budget(shape, "finetune_forward_tokens", idle=False) == expected
+    # a backward token costs twice as much: half the tokens fit
+    assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == int(
+        (target - model.predict(shape)) / model.coef[4])
+
+
+def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():
+    demand = InferenceDemand(decodes=10, prefill_tokens=1000, min_ttft_slack_s=100.0)
+    cheap = scheduler(latency(c_tok=0.0001)).inference_budget(demand, has_finetune=True)
+    costly = scheduler(latency(c_tok=0.0004)).inference_budget(demand, has_finetune=True)
+    assert cheap > costly >= 10
+    assert latency(c_tok=0.0004).predict(IterationShape(inference_tokens=costly)) <= SLO_50MS.tpot_s
+
+
+def test_ttft_at_risk_outranks_one_tpot():
+    demand = InferenceDemand(decodes=10, prefill_tokens=1000, min_ttft_slack_s=0.1)
+    assert scheduler(latency(c_tok=0.0004)).inference_budget(demand, has_finetune=True) == 256
+
+
+def test_finetuning_falls_to_zero_under_a_spike_and_takes_everything_when_idle():
+    sched = scheduler(latency(c_ctx=1e-6))
+    spike = IterationShape(inference_tokens=256, decode_context_tokens=50_000)  # predicted 86 ms > 42.5 ms
+    assert sched.finetune_budget(spike, "finetune_forward_tokens", idle=False) == 0
+    assert sched.finetune_budget(IterationShape(), "finetune_forward_tokens", idle=True) == 512
+
+
+def test_baseline_policies():
+    busy = InferenceDemand(decodes=4, prefill_tokens=100)
+    only_inf = scheduler(policy="inference-only")
+    assert only_inf.inference_budget(busy, True) == 256
+    assert only_inf.finetune_budget(IterationShape(inference_tokens=104), "finetune_forward_tokens", False) == 0
+    only_ft = scheduler(policy="finetune-only")
+    assert only_ft.inference_budget(busy, True) == 0
+    assert only_ft.finetune_budget(IterationShape(), "finetune_forward_tokens", False) == 512
+    temporal = scheduler(policy="temporal", temporal_period=3)
+    budgets = [temporal.inference_budget(busy, True) for _ in range(6)]
+    assert budgets == [256, 256, 0, 256, 256, 0]
+    with pytest.raises(ValueError, match="unknown policy"):
+        scheduler(policy="fastest")
+
+
+def test_weighted_share_is_fair_and_exact():
+    share = WeightedShare()
+    totals = {"a": 0, "b": 0}
+    for budget in [7, 100, 33, 1, 250] * 40:
+        split = share.split(budget, {"a": 3.0, "b": 1.0})
+        assert sum(split.values()) == budget
+        for job, tokens in split.items():
+            totals[job] += tokens
+    assert abs(totals["a"] / totals["b"] - 3.0) < 0.01
+
+
+def test_latency_model_refits_to_measurements():
+    model = LatencyModel(refit_every=1000)
+    rng = random.Random(1)
+    for _ in range(200):
+        shape = IterationShape(rng.randint(1, 256), rng.randint(0, 5000), rng.randint(0, 256), rng.randint(0, 256))
+        seconds = 0.005 + 2e-4 * shape.inference_tokens + 1e-6 * shape.decode_context_tokens \
+            + 3e-4 * shape.finetune_forward_tokens + 6e-4 * shape.finetune_backward_tokens
+        model.observe(shape, seconds)
+    model.fit()
+    for got, want in zip(model.coef, [0.005, 2e-4, 1e-6, 3e-4, 6e-4]):
+        assert got == pytest.approx(want, rel=1e-3)

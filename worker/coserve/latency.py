@@ -1,0 +1,77 @@
+"""A linear model of iteration time, profiled at start-up and refitted online.
+
+    t = c0 + c_infer * inference_tokens + c_ctx * decode_context_tokens
+           + c_fwd * finetune_forward_tokens + c_bwd * finetune_backward_tokens
+
+Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
+model stays monotone and can be inverted into a token budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+FEATURES = ("inference_tokens", "decode_context_tokens", "finetune_forward_tokens", "finetune_backward_tokens")
+
+
+@dataclass(frozen=True)
+class IterationShape:
+    """The work of one iteration, in tokens of each kind."""
+
+    inference_tokens: int = 0
+    decode_context_tokens: int = 0
+    finetune_forward_tokens: int = 0
+    finetune_backward_tokens: int = 0
+
+    def vector(self) -> list[float]:
+        return [1.0, *(float(getattr(self, f)) for f in FEATURES)]
+
+
+class LatencyModel:
+    def __init__(self, window: int = 256, refit_every: int = 16):
+        self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
+        self.refit_every = refit_every
+        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3]  # seconds; replaced by the first fit
+        self._since_fit = 0
+
+    def predict(self, shape: IterationShape) -> float:
+        return sum(c * x for c, x in zip(self.coef, shape.vector()))
+
+    def observe(self, shape: IterationShape, seconds: float) -> None:
+        self.samples.append((shape.vector(), seconds))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self.fit()
+
+    def fit(self) -> None:
+        """Non-negative least squares by clamping and refitting the remaining features."""
+        self._since_fit = 0
+        if len(self.samples) < 4:
+            return
+        x = torch.tensor([s[0] for s in self.samples], dtype=torch.float64)  # [N, 5]
+        y = torch.tensor([s[1] for s in self.samples], dtype=torch.float64)  # [N]
+        active = [i for i in range(x.shape[1]) if x[:, i].abs().sum() > 0]
+        while active:
+            sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0]
+            negative = [a for a, c in zip(active, sol.tolist()) if c < 0]
+            if not negative:
+                coef = [0.0] * x.shape[1]
+                for a, c in zip(active, sol.tolist()):
+                    coef[a] = c
+                # features never seen keep their previous estimate
+                self.coef = [c if i in active else self.coef[i] for i, c in enumerate(coef)]
+                return
+            active = [a for a in active if a not in negative]
+
+    def max_extra_tokens(self, base: IterationShape, within_s: float, kind: str, cap: int) -> int:
+        """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` within ``within_s``."""
+        per_token = self.coef[1 + FEATURES.index(kind)]
+        room = within_s - self.predict(base)
+        if room <= 0:
+            return 0
+        if per_token <= 0:
+            return cap
+        return max(0, min(cap, int(room / per_token)))

@@ -1,0 +1,113 @@
+"""The hybrid token scheduler's decisions: how many tokens inference and fine-tuning get per iteration.
+
+``coserve`` (FlexLLM): decodes always run; prefill chunks fill what the TPOT target leaves (or more,
+when a waiting request would otherwise miss its TTFT); fine-tuning gets exactly the time that is
+left, priced by the latency model. Baselines: ``temporal`` (every ``temporal_period``-th iteration
+is fine-tune-only), ``inference-only``, ``finetune-only``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexllm.worker.coserve.latency import IterationShape, LatencyModel
+
+POLICIES = ("coserve", "temporal", "inference-only", "finetune-only")
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float = 5.0
+    tpot_s: float = 0.075
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tpot_s <= 0:
+            raise ValueError("SLOs must be > 0")
+
+
+@dataclass(frozen=True)
+class InferenceDemand:
+    """What inference wants this iteration."""
+
+    decodes: int = 0  # running sequences due one token each
+    decode_context_tokens: int = 0  # their summed context lengths
+    prefill_tokens: int = 0  # prompt tokens not yet computed, over all waiting/prefilling requests
+    min_ttft_slack_s: float = float("inf")  # least time left before a waiting request's TTFT deadline
+
+    @property
+    def idle(self) -> bool:
+        return self.decodes == 0 and self.prefill_tokens == 0
+
+
+class HybridScheduler:
+    def __init__(self, slo: SLO, latency: LatencyModel, max_tokens_per_batch: int, max_finetune_tokens: int,
+                 policy: str = "coserve", temporal_period: int = 4, margin: float = 0.85):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        self.slo, self.latency, self.policy = slo, latency, policy
+        self.max_tokens_per_batch, self.max_finetune_tokens = max_tokens_per_batch, max_finetune_tokens
+        self.temporal_period, self.margin = temporal_period, margin
+        self.iteration = 0
+
+    @property
+    def target_s(self) -> float:
+        """Iteration time that keeps every running decode within its TPOT SLO."""
+        return self.slo.tpot_s * self.margin
+
+    def inference_budget(self, demand: InferenceDemand, has_finetune: bool) -> int:
+        """Tokens for decodes + prefill chunks this iteration (call once per iteration)."""
+        self.iteration += 1
+        full = self.max_tokens_per_batch
+        if self.policy == "finetune-only" or (self.policy == "temporal" and has_finetune and self._finetune_turn()):
+            return 0
+        if self.policy in ("inference-only", "temporal") or demand.idle:
+            return full
+        base = IterationShape(inference_tokens=demand.decodes, decode_context_tokens=demand.decode_context_tokens)
+        room = self.latency.max_extra_tokens(base, self.target_s, "inference_tokens", full - demand.decodes)
+        prefill = min(demand.prefill_tokens, room)
+        if demand.prefill_tokens > prefill and self._ttft_at_risk(demand, prefill):
+            prefill = min(demand.prefill_tokens, full - demand.decodes)  # TTFT outranks one TPOT
+        return min(full, demand.decodes + max(prefill, 0)) if demand.decodes else max(prefill, 1)
+
+    def _finetune_turn(self) -> bool:
+        return self.iteration % self.temporal_period == 0
+
+    def _ttft_at_risk(self, demand: InferenceDemand, prefill_per_iteration: int) -> bool:
+        if prefill_per_iteration <= 0:
+            return True
+        iterations = -(-demand.prefill_tokens // prefill_per_iteration)
+        return iterations * self.target_s > demand.min_ttft_slack_s
+
+    def finetune_budget(self, scheduled: IterationShape, kind: str, idle: bool) -> int:
+        """Fine-tuning tokens of ``kind`` (a latency FEATURES name) left after the scheduled inference."""
+        cap = self.max_finetune_tokens
+        if self.policy == "inference-only":
+            return 0
+        if self.policy in ("finetune-only", "temporal") or idle:
+            return cap if scheduled.inference_tokens == 0 else 0
+        return self.latency.max_extra_tokens(scheduled, self.target_s, kind, cap)
+
+
+class WeightedShare:
+    """Splits a fine-tuning budget across jobs by weight, carrying fractions over (deficit round robin)."""
+
+    def __init__(self) -> None:
+        self.credit: dict[str, float] = {}
+
+    def split(self, budget: int, weights: dict[str, float]) -> dict[str, int]:
+        total = sum(weights.values())
+        if budget <= 0 or total <= 0:
+            return {job: 0 for job in weights}
+        for job in list(self.credit):
+            if job not in weights:
+                del self.credit[job]
+        shares = {}
+        for job, weight in weights.items():
+            self.credit[job] = self.credit.get(job, 0.0) + budget * weight / total
+            shares[job] = int(self.credit[job])
+        leftover = budget - sum(shares.values())
+        for job in sorted(weights, key=lambda j: self.credit[j] - shares[j], reverse=True)[:leftover]:
+            shares[job] += 1
+        for job in weights:
+            self.credit[job] -= shares[job]
+        return shares
