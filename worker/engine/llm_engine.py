@@ -67,8 +67,10 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    lora: str | None = None) -> None:
-        """Queue a request; raises ``ValueError`` (bad prompt/params) or ``UnknownAdapterError``."""
+                    lora: str | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request; raises ``ValueError`` (bad prompt/params) or ``UnknownAdapterError``.
+
+        ``arrival_time`` (``time.monotonic()`` clock) backdates a request that waited elsewhere."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -87,6 +89,8 @@ class LLMEngine:
         if lora is not None:
             self.lora_manager.check(lora)
         seq = Sequence(request_id, token_ids, params, lora_name=lora)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 

@@ -97,6 +97,11 @@ class FinetuneRunner:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
+    @property
+    def next_work_is_backward(self) -> bool:
+        """Whether the next ``run_work`` does backward work (priced higher by the scheduler)."""
+        return self._work is not None and self._work.forward_done
+
     def run_work(self, token_budget: int) -> WorkDone:
         """Do up to ``token_budget`` tokens of forward-chunk or backward-unit work."""
         if token_budget < 1:
