@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import httpx
@@ -106,7 +107,8 @@ def _wait(predicate, timeout: float = 20.0):
 def test_adapter_versions_hot_load_and_are_addressable(server, client, redis_client, peft_adapter):
     store = AdapterStore(server.adapter_dir)
     publisher = AdapterPublisher(store, AdapterRegistry(redis_client, server.service))
-    v1 = publisher.publish("sql", lambda d: store_copy(peft_adapter, d), step=10, loss=1.5, keep_versions=2)
+    v1 = publisher.publish("sql", lambda d: shutil.copytree(peft_adapter, d, dirs_exist_ok=True), step=10, loss=1.5,
+                           keep_versions=2)
     replica_key = replica_state(server.service, f"replica-{server.service}")
     _wait(lambda: "sql@v1" in json.loads(redis_client.hget(replica_key, "adapters") or "[]"))
     ids = [m.id for m in client.models.list().data]
@@ -125,12 +127,6 @@ def test_adapter_versions_hot_load_and_are_addressable(server, client, redis_cli
     assert client.completions.create(model="sql@v1", **prompt).choices[0].text == tuned  # still served
     AdapterRegistry(redis_client, server.service).retire([broken])
     assert v1.name == "sql@v1"
-
-
-def store_copy(source, folder) -> None:
-    import shutil
-
-    shutil.copytree(source, folder, dirs_exist_ok=True)
 
 
 def test_not_ready_queue_full_and_api_key(tiny_llama_dir, redis_url):
