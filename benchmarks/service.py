@@ -13,10 +13,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +92,8 @@ def run_service(args: argparse.Namespace, items: list[str]) -> dict:
     command = [sys.executable, "-m", "flexllm.worker.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(args.concurrency),
                "--service", "bench", "--log-level", "warning"]
-    server = subprocess.Popen(command, env=os.environ | {"FLEXLLM_ADAPTER_DIR": str(RESULTS.parent / ".adapters")})
+    adapter_dir = tempfile.mkdtemp(prefix="flexllm-bench-adapters-")
+    server = subprocess.Popen(command, env=os.environ | {"FLEXLLM_ADAPTER_DIR": adapter_dir})
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -107,6 +110,7 @@ def run_service(args: argparse.Namespace, items: list[str]) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 # -- on the engine directly -------------------------------------------------------------------------
