@@ -1,0 +1,274 @@
+"""Co-serving vs temporal sharing vs a separate split vs inference-only vs fine-tune-only.
+
+Synthetic traces (Poisson and bursty arrivals; heavy-tailed prompt/output lengths) at a sweep of
+rates are replayed in real time against the bundled model while a FinetuneJob trains. SLOs for this
+CPU are derived from the measured single-request latency and written into the output. A request
+meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
+coserve_*.png.
+
+    python benchmarks/coserve.py [--rates 0.5,1,2] [--duration 20] [--traces poisson,bursty]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import RESULTS, print_table, write_json
+
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.sampling import SamplingParams
+from flexllm.worker.finetune.runner import FinetuneRunner
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = {
+    "dataset": {"source": str(ROOT / "examples/data/tiny.jsonl"), "format": "prompt-completion"},
+    "lora": {"rank": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+    "training": {"maxSteps": 100000, "learningRate": 1e-4, "batchTokens": 256, "maxSeqLen": 128},
+    "publish": {"everySteps": 100000, "keepVersions": 1},
+}
+MAX_FINETUNE_TOKENS = 128
+
+
+@dataclass
+class Request:
+    arrival: float
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_trace(kind: str, rate: float, duration: float, seed: int) -> list[Request]:
+    """Poisson (exponential gaps) or bursty (gamma gaps, CV 2) arrivals; Pareto-tailed lengths."""
+    rng = random.Random(f"{kind}-{rate}-{seed}")
+    trace, t = [], 0.0
+    while rate > 0:
+        t += rng.expovariate(rate) if kind == "poisson" else rng.gammavariate(0.25, 4.0 / rate)
+        if t >= duration:
+            break
+        prompt = [rng.randrange(100, 40000) for _ in range(min(256, int(rng.paretovariate(1.5) * 16)))]
+        trace.append(Request(t, prompt, min(96, max(4, int(rng.paretovariate(1.3) * 8)))))
+    return trace
+
+
+def runner_for(engine: LLMEngine, adapter_root: Path) -> FinetuneRunner:
+    return FinetuneRunner(engine.model, engine.tokenizer, FinetuneJobSpec.model_validate(JOB), adapter_root,
+                          "bench", resume=False)
+
+
+def run_system(engine: LLMEngine, latency: LatencyModel, slo: SLO, policy: str, trace: list[Request],
+               duration: float, temporal_period: int = 4, with_finetune: bool = True) -> dict:
+    """Replay ``trace`` in real time; fine-tuning is counted until ``duration``, requests until drained."""
+    co = CoServingEngine(engine, slo, policy, MAX_FINETUNE_TOKENS, temporal_period, copy.deepcopy(latency))
+    with tempfile.TemporaryDirectory() as adapters:
+        if with_finetune:
+            co.add_job("bench", runner_for(engine, Path(adapters)))
+        start = time.monotonic()
+        pending = list(trace)
+        ft_tokens = inf_tokens = 0
+        timeline = []
+        while True:
+            now = time.monotonic() - start
+            while pending and pending[0].arrival <= now:
+                r = pending.pop(0)
+                params = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+                engine.add_request(f"r{id(r)}", r.prompt, params, arrival_time=start + r.arrival)
+            busy = engine.has_unfinished_requests()
+            if now >= duration:
+                co.jobs.clear()  # the fine-tuning window is over: drain the requests
+                if not pending and not busy:
+                    break
+            if not busy and not co.active_jobs():
+                time.sleep(max(0.0, min(0.01, pending[0].arrival - now)) if pending else 0.01)
+                continue
+            result = co.step()
+            inf_tokens += len(result.outputs)  # one sampled token per output
+            ft = sum(w.forward_tokens for w in result.finetune.values())
+            ft_tokens += ft
+            timeline.append((round(now, 3), result.shape.inference_tokens, ft))
+    return {"policy": policy, "temporal_period": temporal_period if policy == "temporal" else None,
+            "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),
+            "finetune_tokens_per_s": ft_tokens / duration, "inference_tokens_per_s": inf_tokens / duration,
+            "timeline": timeline}
+
+
+def measure_slo(engine: LLMEngine) -> SLO:
+    """TPOT SLO = 3x a lone request's decode step; TTFT SLO = 10x a lone 128-token prefill (>= 1 s)."""
+    engine.generate([[101] * 16], SamplingParams(max_tokens=4))
+    began = time.perf_counter()
+    engine.generate([[101] * 128], SamplingParams(max_tokens=1))
+    prefill = time.perf_counter() - began
+    began = time.perf_counter()
+    engine.generate([[101] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
+    decode = (time.perf_counter() - began) / 33
+    return SLO(ttft_s=max(1.0, 10 * prefill), tpot_s=3 * decode)
+
+
+def separate_child(args) -> None:
+    """One half of the separate split: its own process with half the threads."""
+    torch.set_num_threads(args.threads)
+    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    slo = SLO(**json.loads(args.slo))
+    if args.child == "inference":
+        trace = make_trace(args.trace, args.rate, args.duration, args.seed)
+        out = run_system(engine, LatencyModel(), slo, "inference-only", trace, args.duration, with_finetune=False)
+    else:
+        out = run_system(engine, LatencyModel(), slo, "finetune-only", [], args.duration)
+    print(json.dumps({k: v for k, v in out.items() if k != "timeline"}))
+
+
+def run_separate(args, slo: SLO, trace_kind: str, rate: float) -> dict:
+    threads = max(1, torch.get_num_threads() // 2)
+    common = [sys.executable, __file__, "--threads", str(threads), "--slo", json.dumps(slo.__dict__),
+              "--trace", trace_kind, "--rate", str(rate), "--duration", str(args.duration), "--model", args.model]
+    procs = [subprocess.Popen([*common, "--child", kind], stdout=subprocess.PIPE, text=True)
+             for kind in ("inference", "finetune")]
+    inf, ft = (json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+    return {"policy": "separate", "slo_attainment": inf["slo_attainment"], "requests": inf["requests"],
+            "finetune_tokens_per_s": ft["finetune_tokens_per_s"],
+            "inference_tokens_per_s": inf["inference_tokens_per_s"]}
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summarize(rows: list[dict], ft_only: float, idle: float) -> dict:
+    by = {}
+    for r in rows:
+        by.setdefault((r["trace"], r["rate"]), []).append(r)
+    ok_keys = [k for k, rs in by.items() if any(r["policy"] == "inference-only" and r["slo_attainment"] >= 0.98
+                                                for r in rs)]
+
+    def best(rs, policy, attainment):
+        cands = [r["finetune_tokens_per_s"] for r in rs if r["policy"] == policy and r["slo_attainment"] >= attainment]
+        return max(cands) if cands else 0.0
+
+    ratios_temporal, ratios_separate, attainments = [], [], []
+    for k in ok_keys:
+        co = next(r for r in by[k] if r["policy"] == "coserve")
+        attainments.append(co["slo_attainment"])
+        for baseline, out in (("temporal", ratios_temporal), ("separate", ratios_separate)):
+            b = best(by[k], baseline, co["slo_attainment"])
+            out.append(co["finetune_tokens_per_s"] / b if b else float("inf"))
+    peak = [r for r in rows if r["policy"] == "coserve" and r["slo_attainment"] >= 0.95]
+    peak_row = max(peak, key=lambda r: r["rate"]) if peak else None
+    finite = lambda xs: [x for x in xs if math.isfinite(x)]  # noqa: E731
+    return {
+        "min_slo_attainment_coserve": min(attainments) if attainments else None,
+        "ft_ratio_vs_best_temporal": geomean(finite(ratios_temporal)),
+        "ft_ratio_vs_separate": geomean(finite(ratios_separate)),
+        "baseline_missed_slo_at": {"temporal": sum(not math.isfinite(x) for x in ratios_temporal),
+                                   "separate": sum(not math.isfinite(x) for x in ratios_separate)},
+        "ft_idle_ratio": idle / ft_only if ft_only else None,
+        "ft_peak_ratio": peak_row["finetune_tokens_per_s"] / ft_only if peak_row and ft_only else None,
+        "ft_peak_rate": peak_row["rate"] if peak_row else None,
+    }
+
+
+def plot(rows: list[dict], timeline_row: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (policy, period), style in {("coserve", None): "o-", ("temporal", 2): "s--", ("temporal", 4): "s:",
+                                    ("separate", None): "^-.", ("inference-only", None): "x-"}.items():
+        for trace in sorted({r["trace"] for r in rows}):
+            pts = sorted((r["rate"], r) for r in rows if r["policy"] == policy and r["trace"] == trace
+                         and r.get("temporal_period") == period)
+            if not pts:
+                continue
+            label = f"{policy}{'/' + str(period) if period else ''} ({trace})"
+            axes[0].plot([p[0] for p in pts], [p[1]["finetune_tokens_per_s"] for p in pts], style, label=label)
+            axes[1].plot([p[0] for p in pts], [p[1]["slo_attainment"] for p in pts], style, label=label)
+    axes[0].set(xlabel="request rate (req/s)", ylabel="fine-tuning tokens/s", title="Fine-tuning throughput")
+    axes[1].set(xlabel="request rate (req/s)", ylabel="SLO attainment", title="SLO attainment (TTFT and TPOT)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "coserve_rates.png", dpi=110)
+    if timeline_row:
+        t = timeline_row["timeline"]
+        fig, ax = plt.subplots(figsize=(11, 3.5))
+        ax.stackplot([p[0] for p in t], [p[1] for p in t], [p[2] for p in t], labels=["inference", "fine-tuning"])
+        ax.set(xlabel="time (s)", ylabel="tokens per iteration",
+               title=f"Token budget split, co-serving at {timeline_row['rate']} req/s ({timeline_row['trace']})")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "coserve_timeline.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rates", default="0.5,1,2")
+    parser.add_argument("--traces", default="poisson,bursty")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--temporal-periods", default="2,4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", choices=["inference", "finetune"])
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--slo")
+    parser.add_argument("--trace", default="poisson")
+    parser.add_argument("--rate", type=float, default=0.0)
+    args = parser.parse_args()
+    if args.child:
+        return separate_child(args)
+    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    slo = measure_slo(engine)
+    print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
+    profiler = CoServingEngine(engine, slo)
+    profiler.profile()
+    latency = profiler.latency
+    ft_only = run_system(engine, latency, slo, "finetune-only", [], args.duration)["finetune_tokens_per_s"]
+    idle = run_system(engine, latency, slo, "coserve", [], args.duration)["finetune_tokens_per_s"]
+    print(f"fine-tune-only {ft_only:.1f} tok/s; co-serving idle {idle:.1f} tok/s", flush=True)
+    rows, timeline_row = [], None
+    systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
+    for trace_kind in args.traces.split(","):
+        for rate in map(float, args.rates.split(",")):
+            trace = make_trace(trace_kind, rate, args.duration, args.seed)
+            for policy, period in systems:
+                row = run_system(engine, latency, slo, policy, trace, args.duration, period,
+                                 with_finetune=policy != "inference-only")
+                row.update(trace=trace_kind, rate=rate)
+                rows.append(row)
+                print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "
+                      f"ft {row['finetune_tokens_per_s']:.1f} tok/s", flush=True)
+            sep = run_separate(args, slo, trace_kind, rate)
+            sep.update(trace=trace_kind, rate=rate)
+            rows.append(sep)
+            print(f"{trace_kind} {rate} separate: attainment {sep['slo_attainment']:.2f}, "
+                  f"ft {sep['finetune_tokens_per_s']:.1f} tok/s", flush=True)
+    co_rows = [r for r in rows if r["policy"] == "coserve"]
+    timeline_row = max(co_rows, key=lambda r: r["rate"]) if co_rows else None
+    summary = summarize(rows, ft_only, idle)
+    print_table(rows, ["trace", "rate", "policy", "temporal_period", "slo_attainment", "finetune_tokens_per_s",
+                       "inference_tokens_per_s"])
+    print(json.dumps(summary, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, timeline_row)
+    path = write_json("coserve", {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+                                  "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
+                                  "duration_s": args.duration, "latency_model": latency.coef,
+                                  "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows]})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The co-serving loop on a real tiny model: fused iterations, SLO accounting, and a fine-tuned
+adapter that does not depend on how its work was interleaved with inference."""
+
+import json
+
+import pytest
+import torch
+
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.sampling import SamplingParams
+from flexllm.worker.finetune.runner import FinetuneRunner, train
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    lines = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(16)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def job(dataset, max_steps: int = 3) -> FinetuneJobSpec:
+    return FinetuneJobSpec.model_validate({
+        "dataset": {"source": f"file://{dataset}", "format": "prompt-completion"},
+        "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj", "down_proj"]},
+        "training": {"maxSteps": max_steps, "learningRate": 1e-2, "batchTokens": 48, "maxSeqLen": 64, "seed": 3},
+        "publish": {"everySteps": 3, "keepVersions": 1},
+    })
+
+
+def engine_for(model_dir) -> LLMEngine:
+    return LLMEngine(model=str(model_dir), dtype="float32", device="cpu", num_kv_blocks=128, block_size=4,
+                     max_tokens_per_batch=32)
+
+
+def tight_latency() -> LatencyModel:
+    """Priced so that fine-tuning gets a few tokens next to inference, and all of them when idle."""
+    model = LatencyModel(refit_every=10**9)
+    model.coef = [0.001, 0.001, 0.0, 0.002, 0.004]
+    return model
+
+
+def test_coserved_job_matches_the_job_trained_alone(tiny_llama_dir, dataset, tmp_path):
+    alone_engine = engine_for(tiny_llama_dir)
+    alone = train(alone_engine.model, alone_engine.tokenizer, job(dataset), tmp_path / "alone", "j",
+                  token_budget=512, resume=False)
+
+    engine = engine_for(tiny_llama_dir)
+    co = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=0.030), max_finetune_tokens=24, latency=tight_latency())
+    runner = FinetuneRunner(engine.model, engine.tokenizer, job(dataset), tmp_path / "co", "j", resume=False)
+    co.add_job("j", runner)
+    for i in range(10):
+        engine.add_request(f"r{i}", [100 + i] * (5 + 3 * i), SamplingParams(max_tokens=6 + i, temperature=0))
+    fused = idle_ft = 0
+    finished = []
+    while co.has_work():
+        result = co.step()
+        finished += [o.request_id for o in result.outputs if o.finished]
+        ft_tokens = result.shape.finetune_forward_tokens + result.shape.finetune_backward_tokens
+        fused += result.shape.inference_tokens > 0 and ft_tokens > 0
+        idle_ft += result.shape.inference_tokens == 0 and ft_tokens > 0
+        assert result.shape.inference_tokens <= 32
+        assert result.finetune_budget <= 24
+    assert sorted(finished) == sorted(f"r{i}" for i in range(10))
+    assert fused > 0, "no iteration carried inference and fine-tuning together"
+    assert idle_ft > 0, "fine-tuning never ran alone once inference was done"
+    assert runner.step == alone.step == 3
+    assert runner.loss == pytest.approx(alone.loss, rel=1e-5)
+    for a, b in zip(runner.lora.parameters(), alone.lora.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert co.slo_tracker.met + co.slo_tracker.missed == 10
+
+
+def test_two_jobs_share_by_weight(tiny_llama_dir, dataset, tmp_path):
+    engine = engine_for(tiny_llama_dir)
+    co = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=0.030), max_finetune_tokens=24, latency=tight_latency())
+    for name, weight in (("heavy", 3.0), ("light", 1.0)):
+        runner = FinetuneRunner(engine.model, engine.tokenizer, job(dataset, max_steps=1000), tmp_path / name,
+                                name, resume=False)
+        co.add_job(name, runner, weight)
+    done = {"heavy": 0, "light": 0}
+    for _ in range(30):
+        result = co.step()
+        assert sum(w.tokens for w in result.finetune.values()) <= 24 + 2  # a unit may round up by a token
+        for name, work in result.finetune.items():
+            done[name] += work.tokens
+    assert 2.5 < done["heavy"] / done["light"] < 3.5

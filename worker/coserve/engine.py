@@ -1,0 +1,195 @@
+"""The co-serving loop: each iteration runs the inference tokens the hybrid scheduler admits and
+gives the time that is left to fine-tuning work units of every job, shared by weight.
+
+An iteration is one scheduled batch of decode tokens and prefill chunks (one forward on the shared
+model) followed by fine-tuning forward-chunk / backward-unit work on the same weights, all inside one
+latency budget; its measured time refits the latency model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from flexllm.worker.coserve.latency import IterationShape, LatencyModel
+from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand, WeightedShare
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.engine.sampling import SamplingParams
+from flexllm.worker.engine.scheduler import ScheduledBatch
+from flexllm.worker.finetune.runner import FinetuneRunner, WorkDone
+
+log = logging.getLogger(__name__)
+PROFILE_PROMPT_TOKENS = (8, 32, 96, 192)
+
+
+@dataclass
+class Job:
+    runner: FinetuneRunner
+    weight: float = 1.0
+
+
+@dataclass
+class JobWork:
+    """Fine-tuning work one job did in one iteration."""
+
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    steps_finished: int = 0
+    loss: float | None = None
+    version: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.forward_tokens + self.backward_tokens
+
+    def add(self, work: WorkDone) -> None:
+        if work.kind == "forward":
+            self.forward_tokens += work.tokens
+        else:
+            self.backward_tokens += work.tokens
+        if work.step_finished:
+            self.steps_finished += 1
+            self.loss = work.loss
+        if work.version is not None:
+            self.version = work.version
+
+
+@dataclass
+class IterationResult:
+    outputs: list[RequestOutput]
+    finetune: dict[str, JobWork]
+    shape: IterationShape
+    seconds: float
+    finetune_budget: int
+
+
+@dataclass
+class SLOTracker:
+    """Per-request SLO outcome: both TTFT and TPOT must hold."""
+
+    slo: SLO
+    met: int = 0
+    missed: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)
+
+    def record(self, out: RequestOutput, finished_at: float) -> bool:
+        ttft = (out.first_token_time or finished_at) - out.arrival_time
+        tpot = (finished_at - out.first_token_time) / (len(out.token_ids) - 1) if len(out.token_ids) > 1 else 0.0
+        self.ttfts.append(ttft)
+        self.tpots.append(tpot)
+        ok = ttft <= self.slo.ttft_s and tpot <= self.slo.tpot_s
+        self.met += ok
+        self.missed += not ok
+        return ok
+
+    @property
+    def attainment(self) -> float:
+        total = self.met + self.missed
+        return self.met / total if total else 1.0
+
+
+class CoServingEngine:
+    def __init__(self, engine: LLMEngine, slo: SLO, policy: str = "coserve", max_finetune_tokens: int = 256,
+                 temporal_period: int = 4, latency: LatencyModel | None = None):
+        self.engine, self.slo = engine, slo
+        self.latency = latency or LatencyModel()
+        self.scheduler = HybridScheduler(slo, self.latency, engine.config.max_tokens_per_batch,
+                                         max_finetune_tokens, policy, temporal_period)
+        self.jobs: dict[str, Job] = {}
+        self.share = WeightedShare()
+        self.slo_tracker = SLOTracker(slo)
+
+    # -- jobs ------------------------------------------------------------------------------
+    def add_job(self, name: str, runner: FinetuneRunner, weight: float = 1.0) -> None:
+        if weight <= 0:
+            raise ValueError("job weight must be > 0")
+        self.jobs[name] = Job(runner, weight)
+
+    def remove_job(self, name: str) -> FinetuneRunner | None:
+        job = self.jobs.pop(name, None)
+        return job.runner if job else None
+
+    def active_jobs(self) -> dict[str, Job]:
+        return {name: job for name, job in self.jobs.items() if not job.runner.done}
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests() or bool(self.active_jobs())
+
+    # -- the loop --------------------------------------------------------------------------
+    def profile(self) -> None:
+        """Fit a first latency model from inference forwards of a few sizes (fine-tuning costs are
+        primed as 1x and 2x an inference token and refitted once fine-tuning runs)."""
+        params = SamplingParams(max_tokens=1)
+        for n in PROFILE_PROMPT_TOKENS * 2:
+            began = time.perf_counter()
+            self.engine.generate([[100 + i % 1000 for i in range(n)]], params)
+            self.latency.samples.append((IterationShape(inference_tokens=n).vector(), time.perf_counter() - began))
+        self.latency.fit()
+        per_token = self.latency.coef[1]
+        self.latency.coef[3], self.latency.coef[4] = per_token, 2 * per_token
+        log.info("latency model: %s", self.latency.coef)
+
+    def demand(self, now: float) -> InferenceDemand:
+        decodes = ctx = prefill = 0
+        slack = float("inf")
+        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 1 and seq.num_output_tokens > 0:
+                decodes += 1
+                ctx += seq.num_tokens
+            else:
+                prefill += remaining
+            if seq.first_token_time is None:
+                slack = min(slack, seq.arrival_time + self.slo.ttft_s - now)
+        return InferenceDemand(decodes, ctx, prefill, slack)
+
+    def step(self) -> IterationResult:
+        began = time.perf_counter()
+        demand = self.demand(time.monotonic())
+        active = self.active_jobs()
+        budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
+        batch = self.engine.scheduler.schedule(budget) if budget > 0 else ScheduledBatch()
+        shape = _inference_shape(batch)
+        outputs = self.engine.execute(batch)
+        finetune: dict[str, JobWork] = {}
+        ft_budget = 0
+        if active:
+            kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
+            ft_budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
+            for name, tokens in self.share.split(ft_budget, {n: j.weight for n, j in active.items()}).items():
+                finetune[name] = _spend(active[name].runner, tokens)
+        fwd = sum(w.forward_tokens for w in finetune.values())
+        bwd = sum(w.backward_tokens for w in finetune.values())
+        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd)
+        seconds = time.perf_counter() - began
+        if shape != IterationShape():
+            self.latency.observe(shape, seconds)
+        now = time.monotonic()
+        for out in outputs:
+            if out.finished:
+                self.slo_tracker.record(out, now)
+        return IterationResult(outputs, finetune, shape, seconds, ft_budget)
+
+
+def _spend(runner: FinetuneRunner, tokens: int) -> JobWork:
+    """Run work units of one job until its share of the iteration is used up."""
+    done = JobWork()
+    while tokens > 0 and not runner.done:
+        work = runner.run_work(tokens)
+        if work.tokens == 0:
+            break
+        done.add(work)
+        tokens -= work.tokens
+    return done
+
+
+def _inference_shape(batch: ScheduledBatch) -> IterationShape:
+    ctx = sum(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1)
+    return IterationShape(inference_tokens=batch.num_tokens, decode_context_tokens=ctx)
+
+
+def _next_is_backward(jobs: dict[str, Job]) -> bool:
+    return any(job.runner.next_work_is_backward for job in jobs.values())
