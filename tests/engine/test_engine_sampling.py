@@ -55,3 +55,17 @@ def test_streamed_deltas_add_up_to_the_final_text(tiny_llama_dir):
             ids.extend(out.delta_token_ids)
     assert "".join(deltas) == out.text == full[:full.find(stop)]
     assert ids == out.token_ids
+
+
+def test_partial_multibyte_characters_are_held_back_while_streaming(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    emoji_ids = engine.tokenizer.encode("🙂🙂")  # byte-level BPE: pieces of a character decode to U+FFFD
+    assert "\ufffd" in engine.tokenizer.decode(emoji_ids[:1])
+    engine.add_request("u", [50, 60], SamplingParams(max_tokens=len(emoji_ids), temperature=0))
+    seq = engine.requests["u"]
+    seq.token_ids += emoji_ids[:1]  # as if the first piece had just been sampled
+    seq.output_text = engine.tokenizer.decode(emoji_ids[:1])
+    assert engine._output(seq).delta_text == ""
+    seq.token_ids += emoji_ids[1:]
+    seq.output_text = engine.tokenizer.decode(emoji_ids)
+    assert engine._output(seq).delta_text == "🙂🙂"

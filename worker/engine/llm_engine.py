@@ -159,8 +159,13 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # Hold back text that may still grow into a stop string.
+        text = seq.output_text
         hold = 0 if seq.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
-        visible = max(seq.sent_text_len, len(seq.output_text) - hold)
+        visible = len(text) - hold
+        if not seq.finished:  # and a multi-byte character whose remaining bytes are still to come
+            while visible > seq.sent_text_len and text[visible - 1] == "\ufffd":
+                visible -= 1
+        visible = max(seq.sent_text_len, visible)
         delta_text = seq.output_text[seq.sent_text_len:visible]
         seq.sent_text_len = visible
         ids = seq.output_token_ids
