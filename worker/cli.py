@@ -62,6 +62,18 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
                    help="take over requests a silent engine holds for this long")
 
 
+def _coserve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("co-serving")
+    g.add_argument("--ttft-ms", type=float, default=5000.0, help="time-to-first-token SLO")
+    g.add_argument("--tpot-ms", type=float, default=75.0, help="time-per-output-token SLO")
+    g.add_argument("--policy", default="coserve", choices=["coserve", "temporal", "inference-only", "finetune-only"])
+    g.add_argument("--max-finetune-tokens", type=int, default=256, help="fine-tuning tokens per iteration, at most")
+    g.add_argument("--data-dir", default=os.environ.get("FLEXLLM_DATA_DIR"),
+                   help="FinetuneJob datasets must live under this folder (default: anywhere)")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
+                   help="a PEFT adapter folder (file:// or pvc:// URI, or path) served from the start; repeatable")
+
+
 def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
@@ -74,12 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible API + engine loop")
     _engine_args(serve)
     _queue_args(serve)
+    _coserve_args(serve)
     _log_args(serve)
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the base model's name in requests")
-    serve.add_argument("--ttft-ms", type=float, default=5000.0)
-    serve.add_argument("--tpot-ms", type=float, default=75.0)
     serve.add_argument("--api-key", default=os.environ.get("FLEXLLM_API_KEY"), help="env FLEXLLM_API_KEY")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--max-prompt-tokens", type=int, default=32768)
@@ -89,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="the engine loop alone (consumes the service's request stream)")
     _engine_args(worker)
     _queue_args(worker)
+    _coserve_args(worker)
     _log_args(worker)
     worker.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
 
@@ -126,6 +138,22 @@ def _adapter_dir(args: argparse.Namespace) -> str:
     from flexllm.worker.engine.loader import cache_dir
 
     return args.adapter_dir or str(cache_dir() / "adapters")
+
+
+def _worker_options(args: argparse.Namespace, url: str):
+    from flexllm.worker.coserve.policy import SLO
+    from flexllm.worker.engine.loader import resolve_model
+    from flexllm.worker.serving import WorkerOptions
+
+    pinned = {}
+    for item in args.adapter:
+        name, _, uri = item.partition("=")
+        if not uri:
+            sys.exit("--adapter takes NAME=URI")
+        pinned[name] = str(resolve_model(uri))
+    return WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms,
+                         SLO(args.ttft_ms / 1000, args.tpot_ms / 1000), args.policy, args.max_finetune_tokens,
+                         args.data_dir, pinned)
 
 
 def _replica() -> str:
@@ -188,19 +216,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from flexllm.worker.api.app import ApiConfig, create_app
-    from flexllm.worker.metrics import SLO, Metrics
-    from flexllm.worker.serving import EngineWorker, WorkerOptions
+    from flexllm.worker.metrics import Metrics
+    from flexllm.worker.serving import EngineWorker
 
     with _RedisForCommand(args.redis_url) as url:
-        metrics = Metrics(SLO(args.ttft_ms, args.tpot_ms))
+        options = _worker_options(args, url)
+        metrics = Metrics(options.slo)
         config = ApiConfig(redis_url=url, service=args.service, model_name=args.served_model_name or args.model,
                            max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
                            api_key=args.api_key)
         app = create_app(config, metrics)
-        options = WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms)
         worker = EngineWorker(_engine_config(args), options, metrics, _parse_job_spec,
-                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len))
+                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
+                              on_failure=app.state.api.engine_failed)
         stop = threading.Event()
         engine_thread = worker.start_thread(stop)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
@@ -217,15 +246,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from flexllm.worker.metrics import Metrics
-    from flexllm.worker.serving import EngineWorker, WorkerOptions
+    from flexllm.worker.serving import EngineWorker
 
     with _RedisForCommand(args.redis_url) as url:
-        metrics = Metrics()
+        options = _worker_options(args, url)
+        metrics = Metrics(options.slo)
         if args.metrics_port is not None:
             start_http_server(args.metrics_port, registry=metrics.registry)
         stop = threading.Event()
         _stop_on_signals(stop)
-        options = WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms)
         EngineWorker(_engine_config(args), options, metrics, _parse_job_spec).run(stop)
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexllm.worker import protocol
+from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
@@ -21,15 +21,6 @@ log = logging.getLogger(__name__)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 ATTAINMENT_WINDOW = 1000  # requests
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_ms: float = 5000.0
-    tpot_ms: float = 75.0
-
-    def met(self, ttft_s: float, tpot_s: float | None) -> bool:
-        return ttft_s * 1000 <= self.ttft_ms and (tpot_s is None or tpot_s * 1000 <= self.tpot_ms)
 
 
 class Metrics:

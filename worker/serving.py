@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from flexllm.worker.adapters.publisher import AdapterPublisher
 from flexllm.worker.adapters.registry import AdapterRegistry
 from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.adapters.sync import AdapterSync
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.jobs import CoServingJobs
+from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.lora import UnknownAdapterError
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.metrics import Metrics
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, with_backoff
-from flexllm.worker.queue.intake import JobHandler, JobIntake, QueueOnlyJobHandler
+from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue
 from flexllm.worker.queue.messages import OutputChunk
 from flexllm.worker.queue.requests import ClaimedRequest, RequestConsumer
@@ -101,10 +107,11 @@ class ServingLoop:
         return outputs
 
     def engine_step(self) -> list[RequestOutput]:
-        """One engine iteration. Co-serving seam: replace with the fused inference + fine-tuning step."""
-        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        """One iteration: the job handler's co-serving step, or inference alone without one."""
         if self.jobs is not None:
-            self.jobs.handler.run_work()
+            outputs = self.jobs.handler.step()
+        else:
+            outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
         if outputs and self.metrics is not None:
             self.metrics.engine_steps.inc()
         return outputs
@@ -184,33 +191,29 @@ class ServingLoop:
 
 @dataclass
 class WorkerOptions:
-    """Where an engine loop gets its work and adapters, and who it is."""
+    """Where an engine loop gets its work and adapters, who it is, and how it co-serves."""
 
     redis_url: str
     service: str = "default"
     replica: str = "local"  # the pod name in a cluster: the key of its replica hash
     adapter_dir: str | None = None
     reclaim_idle_ms: int = 30_000
-
-
-JobHandlerFactory = Callable[[JobQueue, LLMEngine, Metrics], JobHandler]
-
-
-def queue_only(queue: JobQueue, engine: LLMEngine, metrics: Metrics) -> JobHandler:
-    return QueueOnlyJobHandler(queue)
+    slo: SLO = field(default_factory=SLO)
+    policy: str = "coserve"
+    max_finetune_tokens: int = 256
+    data_dir: str | None = None  # where FinetuneJob datasets may live (None: anywhere)
+    pinned_adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, served from start
 
 
 class EngineWorker:
-    """Loads the engine, wires it to Redis (requests, jobs, adapters) and runs its ``ServingLoop``.
-
-    ``job_handler`` is the fine-tuning seam: a factory for the ``JobHandler`` the loop drives.
-    """
+    """Loads the engine, wires it to Redis (requests, jobs, adapters) and runs its ``ServingLoop``,
+    whose iterations are co-serving steps: inference plus the fine-tuning jobs this replica took."""
 
     def __init__(self, engine_config: EngineConfig, options: WorkerOptions, metrics: Metrics,
-                 parse_spec: Callable[[dict], object], job_handler: JobHandlerFactory = queue_only,
-                 on_ready: Callable[[LLMEngine], None] | None = None):
+                 parse_spec: Callable[[dict], object], on_ready: Callable[[LLMEngine], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
         self.engine_config, self.options, self.metrics = engine_config, options, metrics
-        self.parse_spec, self.job_handler, self.on_ready = parse_spec, job_handler, on_ready
+        self.parse_spec, self.on_ready, self.on_failure = parse_spec, on_ready, on_failure
         self.failed: BaseException | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -220,10 +223,18 @@ class EngineWorker:
         engine = LLMEngine(self.engine_config)
         consumer = f"{opts.replica}-{os.getpid()}"
         adapters = AdapterSync(client, opts.service, opts.replica, engine)
-        if opts.adapter_dir is not None:
-            AdapterRegistry(client, opts.service).sync_from_store(AdapterStore(opts.adapter_dir))
+        store = AdapterStore(opts.adapter_dir or tempfile.mkdtemp(prefix="flexllm-adapters-"))
+        registry = AdapterRegistry(client, opts.service)
+        for name, folder in opts.pinned_adapters.items():
+            if not store.versions(name):
+                store.publish_folder(name, folder)
+        registry.sync_from_store(store)
+        coserve = CoServingEngine(engine, opts.slo, opts.policy, opts.max_finetune_tokens)
+        coserve.profile()
         queue = JobQueue(client, opts.service)
-        jobs = JobIntake(queue, consumer, self.job_handler(queue, engine, self.metrics), self.parse_spec)
+        handler = CoServingJobs(queue, coserve, AdapterPublisher(store, registry), consumer, self.metrics,
+                                Path(opts.data_dir) if opts.data_dir else None)
+        jobs = JobIntake(queue, consumer, handler, self.parse_spec, opts.reclaim_idle_ms)
         loop = ServingLoop(engine, RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms),
                            adapters, jobs, self.metrics)
         adapters.start()
@@ -245,6 +256,8 @@ class EngineWorker:
             except BaseException as error:
                 self.failed = error
                 log.exception("the engine loop stopped")
+                if self.on_failure is not None:
+                    self.on_failure(error)
                 raise
 
         thread = threading.Thread(target=target, name="engine-loop", daemon=True)

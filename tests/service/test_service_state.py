@@ -17,7 +17,7 @@ from flexllm.worker.adapters.registry import AdapterRegistry, UnknownModelError,
 from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.queue.connection import connect, redacted, with_backoff
-from flexllm.worker.queue.intake import JobIntake, QueueOnlyJobHandler
+from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
 from .conftest import free_port, unique_service
@@ -60,6 +60,22 @@ def test_model_resolution_pins_the_latest_version(tmp_path, redis_client):
     assert [json.loads(h)["version"] for h in history] == [1, 2]
 
 
+class RecordingJobHandler:
+    """Stands in for the co-serving handler: intake is tested alone here (tests/coserve trains for real)."""
+
+    def __init__(self):
+        self.accepted = []
+
+    def accept(self, job, spec, entry_id):
+        self.accepted.append((job.name, entry_id))
+
+    def has_work(self):
+        return False
+
+    def step(self):
+        return []
+
+
 def test_job_intake_validates_and_respects_cancel(redis_client):
     spec = yaml.safe_load((REPO / "examples" / "finetunejob.yaml").read_text())["spec"]
     queue = JobQueue(redis_client, unique_service())
@@ -69,10 +85,16 @@ def test_job_intake_validates_and_respects_cancel(redis_client):
     queue.submit(JobSubmission("bad", "default", spec | {"training": {"learningRate": -1}}))
     queue.submit(JobSubmission("gone", "default", spec))
     queue.cancel("gone")
-    handler = QueueOnlyJobHandler(queue)
+    handler = RecordingJobHandler()
     assert JobIntake(queue, "engine-1", handler, FinetuneJobSpec.model_validate).poll() == 3
-    assert [j.name for j in handler.accepted] == ["good"]
+    assert [name for name, _ in handler.accepted] == ["good"]
     assert queue.progress("good")["phase"] == "Queued"
+    pending = redis_client.xpending(queue.stream, protocol.ENGINE_GROUP)
+    assert pending["pending"] == 1, "an accepted job stays pending until it ends"
+    # a replica that dies with the job is replaced: after the idle time another one reclaims it
+    other = RecordingJobHandler()
+    assert JobIntake(queue, "engine-2", other, FinetuneJobSpec.model_validate, reclaim_idle_ms=0).poll() == 1
+    assert other.accepted == handler.accepted
     assert queue.progress("bad")["phase"] == "Failed" and "invalid spec" in queue.progress("bad")["message"]
     assert queue.progress("gone")["phase"] == "Cancelled"
     assert queue.depth() == 0

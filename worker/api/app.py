@@ -52,6 +52,10 @@ class ApiState:
         self.tokenizer = None
         self.max_model_len = 0
         self.created = int(time.time())
+        self.engine_error: str | None = None  # set when the engine loop died: /healthz then fails
+
+    def engine_failed(self, error: BaseException) -> None:
+        self.engine_error = f"{type(error).__name__}: {error}"
 
     def attach_model(self, tokenizer, max_model_len: int) -> None:
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
@@ -101,8 +105,10 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
         return response
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        if state.engine_error is not None:  # the liveness probe restarts the pod; its requests are reclaimed
+            return JSONResponse({"status": "engine stopped", "error": state.engine_error}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
@@ -110,7 +116,7 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
             redis_ok = bool(await state.redis.ping())
         except TRANSIENT_ERRORS:
             redis_ok = False
-        ready = redis_ok and state.model_ready
+        ready = redis_ok and state.model_ready and state.engine_error is None
         return JSONResponse({"ready": ready, "model": state.model_ready, "redis": redis_ok},
                             status_code=200 if ready else 503)
 

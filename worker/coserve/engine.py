@@ -77,10 +77,11 @@ class SLOTracker:
 
     def record(self, out: RequestOutput, finished_at: float) -> bool:
         ttft = (out.first_token_time or finished_at) - out.arrival_time
-        tpot = (finished_at - out.first_token_time) / (len(out.token_ids) - 1) if len(out.token_ids) > 1 else 0.0
+        tpot = (finished_at - out.first_token_time) / (len(out.token_ids) - 1) if len(out.token_ids) > 1 else None
         self.ttfts.append(ttft)
-        self.tpots.append(tpot)
-        ok = ttft <= self.slo.ttft_s and tpot <= self.slo.tpot_s
+        if tpot is not None:
+            self.tpots.append(tpot)
+        ok = self.slo.met(ttft, tpot)
         self.met += ok
         self.missed += not ok
         return ok
@@ -101,6 +102,7 @@ class CoServingEngine:
         self.jobs: dict[str, Job] = {}
         self.share = WeightedShare()
         self.slo_tracker = SLOTracker(slo)
+        self.failed: dict[str, str] = {}  # jobs whose work raised, taken out of the loop: name -> error
 
     # -- jobs ------------------------------------------------------------------------------
     def add_job(self, name: str, runner: FinetuneRunner, weight: float = 1.0) -> None:
@@ -160,7 +162,12 @@ class CoServingEngine:
             kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
             ft_budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
             for name, tokens in self.share.split(ft_budget, {n: j.weight for n, j in active.items()}).items():
-                finetune[name] = _spend(active[name].runner, tokens)
+                try:
+                    finetune[name] = _spend(active[name].runner, tokens)
+                except Exception as error:  # a job's failure (e.g. its data) never stops the loop
+                    log.exception("fine-tuning job %s failed", name)
+                    self.failed[name] = f"{type(error).__name__}: {error}"
+                    self.jobs.pop(name, None)
         fwd = sum(w.forward_tokens for w in finetune.values())
         bwd = sum(w.backward_tokens for w in finetune.values())
         shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd)

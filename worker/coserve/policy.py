@@ -24,6 +24,10 @@ class SLO:
         if self.ttft_s <= 0 or self.tpot_s <= 0:
             raise ValueError("SLOs must be > 0")
 
+    def met(self, ttft_s: float, tpot_s: float | None) -> bool:
+        """Both must hold; a one-token output has no TPOT."""
+        return ttft_s <= self.ttft_s and (tpot_s is None or tpot_s <= self.tpot_s)
+
 
 @dataclass(frozen=True)
 class InferenceDemand:

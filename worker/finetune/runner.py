@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,8 +60,10 @@ class FinetuneRunner:
         data_root: Path | None = None,
         backward_window: int | None = None,
         resume: bool = True,
+        publish: Callable[[Callable[[Path], None], int, float], int] | None = None,
     ):
         self.model, self.job, self.base_model = model, job, base_model
+        self._publish = publish  # (write, step, loss) -> version: the serving side's store and registry
         self.backward_window = backward_window
         self.store = AdapterStore(adapter_root, adapter, job.publish.keep_versions)
         training = job.training
@@ -211,7 +214,10 @@ class FinetuneRunner:
             torch.save(self.state_dict(), folder / TRAINER_STATE)
 
         metadata = {"step": self.step, "loss": self.loss, "tokens": self.tokens, "time": time.time()}
-        self.latest_version, _ = self.store.publish(write, metadata)
+        if self._publish is not None:
+            self.latest_version = self._publish(write, self.step, self.loss)
+        else:
+            self.latest_version, _ = self.store.publish(write, metadata)
         return self.latest_version
 
     def resume(self) -> int:

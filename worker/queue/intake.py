@@ -6,72 +6,62 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from flexllm.worker import protocol
+from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
 log = logging.getLogger(__name__)
 
 
 class JobHandler(Protocol):
-    """Where fine-tuning plugs into the serving loop (the co-serving runner implements this)."""
+    """Owns the serving iteration and the jobs trained in it (``flexllm.worker.coserve.jobs``)."""
 
-    def accept(self, job: JobSubmission, spec: Any) -> None:
-        """Take ownership of a validated job (its progress hash says Queued)."""
+    def accept(self, job: JobSubmission, spec: Any, entry_id: str) -> None:
+        """Take a validated job; its stream entry ``entry_id`` is acknowledged when the job ends."""
 
     def has_work(self) -> bool:
         """True while a job wants engine iterations (the loop then never blocks waiting for requests)."""
 
-    def run_work(self) -> None:
-        """Called once per serving iteration, right after the inference step."""
-
-
-class QueueOnlyJobHandler:
-    """Keeps accepted jobs Queued until a fine-tuning runner is attached (no training here)."""
-
-    def __init__(self, queue: JobQueue):
-        self.queue = queue
-        self.accepted: list[JobSubmission] = []
-
-    def accept(self, job: JobSubmission, spec: Any) -> None:
-        self.accepted.append(job)
-        self.queue.set_progress(job.name, phase="Queued", message="waiting for a fine-tuning runner")
-
-    def has_work(self) -> bool:
-        return False
-
-    def run_work(self) -> None:
-        return None
+    def step(self) -> list[RequestOutput]:
+        """One iteration: inference and fine-tuning work together."""
 
 
 class JobIntake:
     """Consumes job entries; invalid or cancelled ones are finished here, valid ones go to ``handler``.
 
-    An entry is acknowledged only after its outcome is written to the job's progress hash.
+    A rejected entry is acknowledged once its outcome is in the job's progress hash; an accepted one
+    stays pending until the handler ends the job, so a dead replica's jobs are reclaimed and resumed.
     """
 
     def __init__(self, queue: JobQueue, consumer: str, handler: JobHandler,
-                 parse_spec: Callable[[dict[str, Any]], Any]):
+                 parse_spec: Callable[[dict[str, Any]], Any], reclaim_idle_ms: int = 60_000):
         self.queue, self.consumer, self.handler, self.parse_spec = queue, consumer, handler, parse_spec
+        self.reclaim_idle_ms = reclaim_idle_ms
 
     def poll(self) -> int:
         """Process the new job entries; returns how many."""
-        claimed = self.queue.claim(self.consumer)
+        claimed = self.queue.claim(self.consumer, reclaim_idle_ms=self.reclaim_idle_ms)
         for entry_id, job in claimed:
-            if job is not None:
-                self._take(job)
-            else:
+            if job is None:
                 log.error("dropping unreadable job entry %s", entry_id)
+            elif self._take(job, entry_id):
+                continue
             self.queue.ack(entry_id)
         return len(claimed)
 
-    def _take(self, job: JobSubmission) -> None:
+    def _take(self, job: JobSubmission, entry_id: str) -> bool:
+        """True if the handler took the job (and with it the entry)."""
         if self.queue.is_cancelled(job.name):
             self.queue.set_progress(job.name, phase="Cancelled", message="cancelled before it started")
-            return
+            return False
+        if self.queue.progress(job.name).get("phase") in protocol.TERMINAL_PHASES:
+            return False  # reclaimed after its replica ended it but died before the acknowledgement
         try:
             spec = self.parse_spec(job.spec)
         except ValueError as error:  # pydantic.ValidationError is a ValueError
             self.queue.set_progress(job.name, phase="Failed", message=f"invalid spec: {error}")
             log.error("job %s rejected: %s", job.name, error)
-            return
-        self.handler.accept(job, spec)
+            return False
+        self.handler.accept(job, spec, entry_id)
         log.info("job %s accepted", job.name)
+        return True

@@ -53,17 +53,25 @@ class JobQueue:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    def claim(self, consumer: str, count: int = 8) -> list[tuple[str, JobSubmission | None]]:
-        """New job entries for ``consumer``; an unreadable entry comes back as ``None``."""
+    def claim(self, consumer: str, count: int = 8, reclaim_idle_ms: int = 60_000
+              ) -> list[tuple[str, JobSubmission | None]]:
+        """Jobs of dead replicas (pending and idle for ``reclaim_idle_ms``), then new entries; an unreadable
+        entry comes back as ``None``."""
+        _, stale, _ = self.client.xautoclaim(self.stream, protocol.ENGINE_GROUP, consumer, reclaim_idle_ms,
+                                             "0-0", count=count)
         reply = self.client.xreadgroup(protocol.ENGINE_GROUP, consumer, {self.stream: ">"}, count=count)
         claimed: list[tuple[str, JobSubmission | None]] = []
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                try:
-                    claimed.append((entry_id, JobSubmission.from_json(fields["data"])))
-                except (KeyError, TypeError, ValueError):
-                    claimed.append((entry_id, None))
+        for entry_id, fields in [*stale, *(e for _, entries in reply or [] for e in entries)]:
+            try:
+                claimed.append((entry_id, JobSubmission.from_json(fields["data"])))
+            except (KeyError, TypeError, ValueError):
+                claimed.append((entry_id, None))
         return claimed
+
+    def heartbeat(self, consumer: str, entry_ids: list[str]) -> None:
+        """Keep our jobs' pending entries fresh so no other replica reclaims a job still training."""
+        if entry_ids:
+            self.client.xclaim(self.stream, protocol.ENGINE_GROUP, consumer, 0, entry_ids, justid=True)
 
     def ack(self, entry_id: str) -> None:
         self.client.xack(self.stream, protocol.ENGINE_GROUP, entry_id)

@@ -1,0 +1,97 @@
+"""FinetuneJobs on a serving replica: accepted from the job stream, trained inside the co-serving
+iterations, their progress, versions and end written back to Redis for the operator.
+
+A job's stream entry stays pending (and is kept alive by heartbeats) until the job ends, so if this
+replica dies another one reclaims it and resumes from the job's latest published version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flexllm.worker.adapters.publisher import AdapterPublisher
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.finetune.runner import FinetuneRunner
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.metrics import Metrics
+from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+
+log = logging.getLogger(__name__)
+CHECK_EVERY_S = 1.0
+
+
+class CoServingJobs:
+    """The ``JobHandler`` that trains accepted jobs in the co-serving loop."""
+
+    def __init__(self, queue: JobQueue, coserve: CoServingEngine, publisher: AdapterPublisher, consumer: str,
+                 metrics: Metrics | None = None, data_root: Path | None = None):
+        self.queue, self.coserve, self.publisher, self.consumer = queue, coserve, publisher, consumer
+        self.metrics, self.data_root = metrics, data_root
+        self.entries: dict[str, str] = {}  # job -> its pending stream entry
+        self._next_check = 0.0
+
+    def accept(self, job: JobSubmission, spec: FinetuneJobSpec, entry_id: str) -> None:
+        engine = self.coserve.engine
+        try:
+            runner = FinetuneRunner(engine.model, engine.tokenizer, spec, self.publisher.store.root, job.name,
+                                    base_model=str(engine.model_path), data_root=self.data_root,
+                                    publish=self._publisher(job.name, spec))
+        except (ValueError, OSError) as error:  # bad dataset, bad adapter name: the job fails, not the worker
+            self._end(job.name, entry_id, "Failed", str(error))
+            return
+        self.coserve.add_job(job.name, runner)
+        self.entries[job.name] = entry_id
+        self._report(job.name, runner, "Running", "resumed" if runner.step else "started")
+
+    def _publisher(self, adapter: str, spec: FinetuneJobSpec):
+        def publish(write, step: int, loss: float) -> int:
+            return self.publisher.publish(adapter, write, step, loss, spec.publish.keep_versions).version
+        return publish
+
+    def has_work(self) -> bool:
+        return bool(self.coserve.active_jobs())
+
+    def step(self) -> list[RequestOutput]:
+        """One co-serving iteration; then progress for every job that finished a step."""
+        result = self.coserve.step()
+        for name, work in result.finetune.items():
+            if self.metrics is not None:
+                self.metrics.tokens.labels("finetune").inc(work.forward_tokens)
+            if work.steps_finished:
+                self._report(name, self.coserve.jobs[name].runner, "Running")
+        for name, error in self.coserve.failed.items():
+            self.coserve.remove_job(name)
+            self._end(name, self.entries.pop(name, None), "Failed", error)
+        self.coserve.failed.clear()
+        for name, job in list(self.coserve.jobs.items()):
+            if job.runner.done:
+                self.coserve.remove_job(name)
+                self._report(name, job.runner, "Succeeded", "finished")
+                self._end(name, self.entries.pop(name), None)
+        if time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + CHECK_EVERY_S
+            self._check_cancelled()
+            self.queue.heartbeat(self.consumer, list(self.entries.values()))
+        return result.outputs
+
+    def _check_cancelled(self) -> None:
+        for name in list(self.entries):
+            if self.queue.is_cancelled(name):
+                self.coserve.remove_job(name)
+                self._end(name, self.entries.pop(name), "Cancelled", "cancelled")
+
+    def _report(self, name: str, runner: FinetuneRunner, phase: str, message: str | None = None) -> None:
+        p = runner.progress
+        self.queue.set_progress(name, phase=phase, step=p["step"], total_steps=p["totalSteps"], loss=p["loss"],
+                                tokens_per_second=round(p["tokensPerSecond"], 2), eta_seconds=p["etaSeconds"],
+                                message=message)
+
+    def _end(self, name: str, entry_id: str | None, phase: str | None, message: str | None = None) -> None:
+        if phase is not None:
+            self.queue.set_progress(name, phase=phase, message=message)
+            log.info("job %s %s: %s", name, phase.lower(), message)
+        if entry_id is not None:
+            self.queue.ack(entry_id)
