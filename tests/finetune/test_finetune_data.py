@@ -1,4 +1,4 @@
-"""Job spec parsing, JSONL formats and validation, resumable streaming, the version store."""
+"""Job spec parsing, JSONL formats and validation, resumable streaming."""
 
 import json
 
@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 from flexllm.worker.engine.loader import resolve_model
 from flexllm.worker.finetune.data import DataPosition, DatasetError, SequenceStream, encode_line
 from flexllm.worker.finetune.spec import DatasetSpec, FinetuneJobSpec
-from flexllm.worker.finetune.store import AdapterStore
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +90,3 @@ def test_stream_resumes_from_its_position_across_epochs(tokenizer, tmp_path):
     assert sum(len(b) for b in lines + later) > 5  # wrapped into a second epoch
 
 
-def test_store_publishes_atomically_and_keeps_the_newest(tmp_path):
-    store = AdapterStore(tmp_path, "my-adapter", keep_versions=2)
-    for step in (5, 10, 15):
-        store.publish(lambda folder: (folder / "w").write_text("x"), {"step": step})
-    assert store.versions() == [2, 3]
-    assert json.loads((store.latest() / "metadata.json").read_text()) == {"version": 3, "step": 15}
-
-    def failing(folder):
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        store.publish(failing, {})
-    assert store.versions() == [2, 3] and not [p for p in store.folder.iterdir() if p.name.startswith(".")]
-    for bad in ("../escape", "a/b", "x@v1", ""):
-        with pytest.raises(ValueError):
-            AdapterStore(tmp_path, bad, 1)

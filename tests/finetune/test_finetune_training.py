@@ -87,7 +87,7 @@ def trained(tiny_llama_dir, tmp_path_factory):
 def test_adamw_loss_curve_matches_hf_peft(trained, tiny_llama_dir):
     model, tokenizer, job, runner, losses, initial = trained
     reference_lora = FinetuneRunner(
-        model, tokenizer, job, runner.store.folder.parent / "unused", "x", resume=False
+        model, tokenizer, job, runner.store.root / "unused", "x", resume=False
     ).lora
     reference_lora.load_peft_state_dict(initial)
     reference = hf_reference_losses(tiny_llama_dir, job, tokenizer, reference_lora)
@@ -107,13 +107,13 @@ def test_sgd_steps_match_hf_peft(tiny_llama_dir, tmp_path):
 
 def test_versions_are_published_and_pruned(trained):
     runner = trained[3]
-    assert runner.store.versions() == [2, 3, 4]  # every 5 of 20 steps, keepVersions=3
+    assert runner.store.versions(runner.adapter) == [2, 3, 4]  # every 5 of 20 steps, keepVersions=3
     import json
 
-    meta = json.loads((runner.store.latest() / "metadata.json").read_text())
-    assert meta["version"] == 4 and meta["step"] == 20 and meta["loss"] == pytest.approx(trained[4][-1])
+    meta = json.loads((runner.latest_folder() / "metadata.json").read_text())
+    assert runner.latest_folder().name == "v4" and meta["step"] == 20 and meta["loss"] == pytest.approx(trained[4][-1])
     assert meta["tokens"] == runner.tokens > 0
-    assert not [p for p in runner.store.folder.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert not [p for p in runner.store.root.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
 def test_interrupted_run_resumes_exactly(trained, tiny_llama_dir, tmp_path):
@@ -135,7 +135,7 @@ def test_published_version_serves_same_logits_in_peft_and_engine(trained, tiny_l
     from flexllm.worker.engine.lora import LoRAManager
 
     model, tokenizer, _, runner, _, _ = trained
-    folder = runner.store.latest()
+    folder = runner.latest_folder()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, folder).eval()
     ids = tokenizer.encode("Question 7: what is 7 plus 2? The answer is")

@@ -10,6 +10,7 @@ The loss of a step is the mean cross-entropy over all loss tokens of its
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.finetune.data import (
     DataPosition,
@@ -30,10 +32,10 @@ from flexllm.worker.finetune.layer import Dropout
 from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.finetune.store import AdapterStore
 from flexllm.worker.finetune.work import SequenceWork
 
 TRAINER_STATE = "trainer_state.pt"
+METADATA = "metadata.json"  # step, loss, tokens, time of a version
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class FinetuneRunner:
         self.model, self.job, self.base_model = model, job, base_model
         self._publish = publish  # (write, step, loss) -> version: the serving side's store and registry
         self.backward_window = backward_window
-        self.store = AdapterStore(adapter_root, adapter, job.publish.keep_versions)
+        self.store, self.adapter = AdapterStore(adapter_root), adapter
+        self.store.folder(adapter, 0)  # validates the name: no path traversal, no @version
         training = job.training
         path = job.dataset.resolve(data_root)
         self.stream = SequenceStream(path, job.dataset.format, tokenizer, training.max_seq_len)
@@ -92,7 +95,7 @@ class FinetuneRunner:
         self._step_loss = 0.0
         self._step_tokens = 0
         torch.manual_seed(training.seed)
-        if resume and self.store.latest() is not None:
+        if resume and self.latest_folder() is not None:
             self.resume()
 
     # -- work ------------------------------------------------------------------------------
@@ -209,24 +212,31 @@ class FinetuneRunner:
     def publish(self) -> int:
         """Write the adapter + checkpoint as a new version; returns its number."""
 
+        metadata = {"step": self.step, "loss": self.loss, "tokens": self.tokens, "time": time.time()}
+
         def write(folder: Path) -> None:
             self.lora.save_pretrained(folder, self.base_model)
             torch.save(self.state_dict(), folder / TRAINER_STATE)
+            (folder / METADATA).write_text(json.dumps(metadata, indent=2))
 
-        metadata = {"step": self.step, "loss": self.loss, "tokens": self.tokens, "time": time.time()}
         if self._publish is not None:
             self.latest_version = self._publish(write, self.step, self.loss)
         else:
-            self.latest_version, _ = self.store.publish(write, metadata)
+            self.latest_version = self.store.publish(self.adapter, write, self.step, self.loss).version
+            self.store.gc(self.adapter, self.job.publish.keep_versions)
         return self.latest_version
+
+    def latest_folder(self) -> Path | None:
+        versions = self.store.versions(self.adapter)
+        return self.store.folder(self.adapter, versions[-1]) if versions else None
 
     def resume(self) -> int:
         """Continue from the latest version (weights and checkpoint); returns its step."""
         from safetensors.torch import load_file
 
-        folder = self.store.latest()
+        folder = self.latest_folder()
         if folder is None:
-            raise FileNotFoundError(f"no version of adapter {self.store.folder.name!r} to resume from")
+            raise FileNotFoundError(f"no version of adapter {self.adapter!r} to resume from")
         self.lora.load_peft_state_dict(load_file(folder / "adapter_model.safetensors"))
         self.load_state_dict(torch.load(folder / TRAINER_STATE, weights_only=True))
         self.latest_version = int(folder.name[1:])
