@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--redis-url", default=None)
     submit.add_argument("--namespace", default="default")
 
+    demo = sub.add_parser("demo", help="embedded Redis + bundled model: a FinetuneJob co-served with inference")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("-f", "--file", type=Path, default=Path("examples/finetunejob.yaml"), help="the FinetuneJob")
+    demo.add_argument("--rate", type=float, default=1.0, help="inference requests per second (Poisson)")
+    demo.add_argument("--ttft-ms", type=float, default=5000.0)
+    demo.add_argument("--tpot-ms", type=float, default=300.0, help="default sized for a CPU")
+    demo.add_argument("--max-tokens-per-batch", type=int, default=256)
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="plot, summary, adapters")
+    _log_args(demo)
+    demo.set_defaults(log_level="warning")
+
     jobs = sub.add_parser("jobs", help="fine-tuning jobs and their progress")
     jobs.add_argument("--redis-url", default=None)
     jobs.add_argument("--service", default=None, help="default: all services")
@@ -362,7 +373,18 @@ def _watch_jobs(client, service: str | None) -> int:
             time.sleep(1.0)
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "submit": cmd_submit,
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flexllm.worker.coserve.policy import SLO
+    from flexllm.worker.demo import run_demo
+
+    if not args.file.exists():
+        sys.exit(f"{args.file} not found: run the demo from the repository root or pass -f")
+    summary = run_demo(args.file, args.model, args.rate, SLO(args.ttft_ms / 1000, args.tpot_ms / 1000),
+                       args.output, args.max_tokens_per_batch)
+    return 0 if summary["phase"] == "Succeeded" else 1
+
+
+COMMANDS = {"demo": cmd_demo, "serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "submit": cmd_submit,
             "jobs": cmd_jobs}
 
 

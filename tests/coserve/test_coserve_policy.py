@@ -10,9 +10,9 @@ from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand,
 SLO_50MS = SLO(ttft_s=2.0, tpot_s=0.050)
 
 
-def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002) -> LatencyModel:
+def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002, c_unit=0.0) -> LatencyModel:
     model = LatencyModel()
-    model.coef = [c0, c_tok, c_ctx, c_fwd, c_bwd]
+    model.coef = [c0, c_tok, c_ctx, c_fwd, c_bwd, c_unit]
     return model
 
 
@@ -45,6 +45,15 @@ def test_finetuning_gets_exactly_the_leftover_time():
     # a backward token costs twice as much: half the tokens fit
     assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == int(
         (target - model.predict(shape)) / model.coef[4])
+
+
+def test_a_work_units_fixed_cost_comes_off_the_leftover():
+    shape = IterationShape(inference_tokens=40)
+    free = scheduler(latency()).finetune_budget(shape, "finetune_forward_tokens", idle=False)
+    model = latency(c_unit=0.020)
+    priced = scheduler(model).finetune_budget(shape, "finetune_forward_tokens", idle=False)
+    assert priced == int((SLO_50MS.tpot_s * 0.85 - model.predict(shape) - 0.020) / model.coef[3]) < free
+    assert scheduler(latency(c_unit=0.040)).finetune_budget(shape, "finetune_forward_tokens", idle=False) == 0
 
 
 def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():
@@ -97,10 +106,11 @@ def test_latency_model_refits_to_measurements():
     model = LatencyModel(refit_every=1000)
     rng = random.Random(1)
     for _ in range(200):
-        shape = IterationShape(rng.randint(1, 256), rng.randint(0, 5000), rng.randint(0, 256), rng.randint(0, 256))
+        shape = IterationShape(rng.randint(1, 256), rng.randint(0, 5000), rng.randint(0, 256), rng.randint(0, 256),
+                               rng.randint(0, 3))
         seconds = 0.005 + 2e-4 * shape.inference_tokens + 1e-6 * shape.decode_context_tokens \
-            + 3e-4 * shape.finetune_forward_tokens + 6e-4 * shape.finetune_backward_tokens
+            + 3e-4 * shape.finetune_forward_tokens + 6e-4 * shape.finetune_backward_tokens + 0.01 * shape.finetune_units
         model.observe(shape, seconds)
     model.fit()
-    for got, want in zip(model.coef, [0.005, 2e-4, 1e-6, 3e-4, 6e-4]):
+    for got, want in zip(model.coef, [0.005, 2e-4, 1e-6, 3e-4, 6e-4, 0.01]):
         assert got == pytest.approx(want, rel=1e-3)

@@ -36,6 +36,7 @@ class JobWork:
 
     forward_tokens: int = 0
     backward_tokens: int = 0
+    units: int = 0
     steps_finished: int = 0
     loss: float | None = None
     version: int | None = None
@@ -45,6 +46,7 @@ class JobWork:
         return self.forward_tokens + self.backward_tokens
 
     def add(self, work: WorkDone) -> None:
+        self.units += 1
         if work.kind == "forward":
             self.forward_tokens += work.tokens
         else:
@@ -122,16 +124,17 @@ class CoServingEngine:
 
     # -- the loop --------------------------------------------------------------------------
     def profile(self) -> None:
-        """Fit a first latency model from inference forwards of a few sizes (fine-tuning costs are
-        primed as 1x and 2x an inference token and refitted once fine-tuning runs)."""
+        """Fit a first latency model from inference forwards of a few sizes (fine-tuning is primed as
+        1x / 2x an inference token forward / backward plus one forward's fixed cost per work unit, and
+        refitted once fine-tuning runs)."""
         params = SamplingParams(max_tokens=1)
         for n in PROFILE_PROMPT_TOKENS * 2:
             began = time.perf_counter()
             self.engine.generate([[100 + i % 1000 for i in range(n)]], params)
             self.latency.samples.append((IterationShape(inference_tokens=n).vector(), time.perf_counter() - began))
         self.latency.fit()
-        per_token = self.latency.coef[1]
-        self.latency.coef[3], self.latency.coef[4] = per_token, 2 * per_token
+        per_token, per_pass = self.latency.coef[1], self.latency.coef[0]
+        self.latency.coef[3:6] = [per_token, 2 * per_token, per_pass]
         log.info("latency model: %s", self.latency.coef)
 
     def demand(self, now: float) -> InferenceDemand:
@@ -170,7 +173,8 @@ class CoServingEngine:
                     self.jobs.pop(name, None)
         fwd = sum(w.forward_tokens for w in finetune.values())
         bwd = sum(w.backward_tokens for w in finetune.values())
-        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd)
+        units = sum(w.units for w in finetune.values())
+        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd, units)
         seconds = time.perf_counter() - began
         if shape != IterationShape():
             self.latency.observe(shape, seconds)

@@ -1,7 +1,9 @@
 """A linear model of iteration time, profiled at start-up and refitted online.
 
     t = c0 + c_infer * inference_tokens + c_ctx * decode_context_tokens
-           + c_fwd * finetune_forward_tokens + c_bwd * finetune_backward_tokens
+           + c_fwd * finetune_forward_tokens + c_bwd * finetune_backward_tokens + c_unit * finetune_units
+
+(a fine-tuning work unit is its own pass over the layers, so each one carries a fixed cost)
 
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
 model stays monotone and can be inverted into a token budget.
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-FEATURES = ("inference_tokens", "decode_context_tokens", "finetune_forward_tokens", "finetune_backward_tokens")
+FEATURES = ("inference_tokens", "decode_context_tokens", "finetune_forward_tokens", "finetune_backward_tokens",
+            "finetune_units")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class IterationShape:
     decode_context_tokens: int = 0
     finetune_forward_tokens: int = 0
     finetune_backward_tokens: int = 0
+    finetune_units: int = 0
 
     def vector(self) -> list[float]:
         return [1.0, *(float(getattr(self, f)) for f in FEATURES)]
@@ -34,7 +38,7 @@ class LatencyModel:
     def __init__(self, window: int = 256, refit_every: int = 16):
         self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
         self.refit_every = refit_every
-        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3]  # seconds; replaced by the first fit
+        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
 
     def predict(self, shape: IterationShape) -> float:
@@ -66,10 +70,12 @@ class LatencyModel:
                 return
             active = [a for a in active if a not in negative]
 
-    def max_extra_tokens(self, base: IterationShape, within_s: float, kind: str, cap: int) -> int:
-        """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` within ``within_s``."""
+    def max_extra_tokens(self, base: IterationShape, within_s: float, kind: str, cap: int,
+                         fixed_s: float = 0.0) -> int:
+        """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` (plus ``fixed_s``)
+        within ``within_s``."""
         per_token = self.coef[1 + FEATURES.index(kind)]
-        room = within_s - self.predict(base)
+        room = within_s - self.predict(base) - fixed_s
         if room <= 0:
             return 0
         if per_token <= 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flexllm.worker.coserve.latency import IterationShape, LatencyModel
+from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
 
 POLICIES = ("coserve", "temporal", "inference-only", "finetune-only")
 
@@ -89,7 +89,8 @@ class HybridScheduler:
             return 0
         if self.policy in ("finetune-only", "temporal") or idle:
             return cap if scheduled.inference_tokens == 0 else 0
-        return self.latency.max_extra_tokens(scheduled, self.target_s, kind, cap)
+        unit_s = self.latency.coef[1 + FEATURES.index("finetune_units")]  # one work unit's fixed cost
+        return self.latency.max_extra_tokens(scheduled, self.target_s, kind, cap, fixed_s=unit_s)
 
 
 class WeightedShare:

@@ -1,0 +1,276 @@
+"""``flexllm demo``: the whole system on one machine, no cluster.
+
+An embedded Redis, the bundled model behind the OpenAI-compatible API, the example FinetuneJob
+co-served with a generated inference load (Poisson arrivals, streamed over HTTP). Shows live progress,
+then a summary: SLO attainment, fine-tuning tokens/s, adapter versions, a completion from the
+fine-tuned adapter; saves a plot and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+import yaml
+
+from flexllm.worker import protocol
+from flexllm.worker.api.app import ApiConfig, create_app
+from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.metrics import Metrics
+from flexllm.worker.queue.connection import connect
+from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+from flexllm.worker.redis_server import EmbeddedRedis
+from flexllm.worker.serving import EngineWorker, WorkerOptions
+
+PROMPTS = [
+    "Explain in one sentence why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "List three uses of a paperclip.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a short tip for learning a new language.",
+    "Describe a cat to someone who has never seen one.",
+    "Why do we have seasons on Earth?",
+    "Suggest a name for a friendly robot.",
+]
+
+
+@dataclass
+class LoadResult:
+    """Client-side latencies of the generated inference load."""
+
+    slo: SLO
+    ttfts: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)
+    met: int = 0
+    errors: int = 0
+    tokens: int = 0
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (time, ttft)
+
+    @property
+    def done(self) -> int:
+        return len(self.ttfts)
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.done if self.done else 1.0
+
+
+def load_job(path: Path) -> tuple[str, dict]:
+    """A FinetuneJob manifest -> (name, spec) with a relative dataset made absolute (cwd, then the repo)."""
+    manifest = yaml.safe_load(path.read_text())
+    spec = manifest["spec"]
+    source = spec["dataset"]["source"].removeprefix("file://")
+    if not Path(source).is_absolute():
+        candidates = [Path.cwd() / source, path.resolve().parent.parent / source]
+        found = next((c for c in candidates if c.exists()), candidates[0])
+        spec["dataset"]["source"] = f"file://{found}"
+    FinetuneJobSpec.model_validate(spec)
+    return manifest["metadata"]["name"], spec
+
+
+def stream_one(client: httpx.Client, base: str, prompt: str, max_tokens: int, result: LoadResult, start: float,
+               lock: threading.Lock) -> None:
+    began = time.monotonic()
+    first = last = None
+    tokens = 0
+    body = {"model": "base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7, "stream": True}
+    try:
+        with client.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        last = time.monotonic()
+                        first = first or last
+                        tokens += 1
+    except httpx.HTTPError:
+        with lock:
+            result.errors += 1
+        return
+    ttft = (first or time.monotonic()) - began
+    tpot = (last - first) / (tokens - 1) if first and tokens > 1 else None
+    with lock:
+        result.ttfts.append(ttft)
+        if tpot is not None:
+            result.tpots.append(tpot)
+        result.met += result.slo.met(ttft, tpot)
+        result.tokens += tokens
+        result.timeline.append((began - start, ttft))
+
+
+def drive_load(base: str, rate: float, stop: threading.Event, result: LoadResult, seed: int = 0) -> None:
+    """Poisson arrivals at ``rate`` req/s until ``stop``; waits for the requests in flight."""
+    rng, lock, start = random.Random(seed), threading.Lock(), time.monotonic()
+    with httpx.Client() as client, ThreadPoolExecutor(max_workers=32) as pool:
+        while not stop.wait(rng.expovariate(rate)):
+            pool.submit(stream_one, client, base, rng.choice(PROMPTS), rng.randint(16, 64), result, start, lock)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if worker.failed is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not become ready: {worker.failed}")
+        time.sleep(0.2)
+
+
+def run_demo(job_file: Path, model: str, rate: float, slo: SLO, out_dir: Path, max_tokens_per_batch: int) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    name, spec = load_job(job_file)
+    service = spec.get("inferenceService") or "demo"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedRedis() as url:
+        metrics = Metrics(slo)
+        app = create_app(ApiConfig(redis_url=url, service=service, model_name="base"), metrics)
+        options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo)
+        engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
+        worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
+                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
+                              on_failure=app.state.api.engine_failed)
+        stop_worker, stop_load = threading.Event(), threading.Event()
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threads = [worker.start_thread(stop_worker),
+                   threading.Thread(target=server.run, name="api", daemon=True)]
+        threads[1].start()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with console.status(f"loading {model} and profiling the engine..."):
+                wait_ready(base, worker)
+            client = connect(url)
+            queue = JobQueue(client, service)
+            queue.submit(JobSubmission(name, "default", spec))
+            console.print(f"[bold]FinetuneJob {name}[/] queued on service {service}; inference load: {rate} req/s "
+                          f"(SLOs: TTFT {slo.ttft_s * 1000:.0f} ms, TPOT {slo.tpot_s * 1000:.0f} ms)")
+            load = LoadResult(slo)
+            load_thread = threading.Thread(target=drive_load, args=(base, rate, stop_load, load), daemon=True)
+            load_thread.start()
+            began = time.monotonic()
+            progress_log = []
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console) as bars:
+                task = bars.add_task(f"fine-tuning {name}", total=None, status="")
+                while True:
+                    p = queue.progress(name)
+                    step, total = int(p.get("step") or 0), int(p.get("total_steps") or 0) or None
+                    if not progress_log or progress_log[-1][1] != step:
+                        progress_log.append((time.monotonic() - began, step, float(p.get("loss") or "nan")))
+                    bars.update(task, completed=step, total=total, status=(
+                        f"{p.get('phase', '?')} loss {p.get('loss', '-')} | requests {load.done} "
+                        f"SLO {load.attainment:.0%}"))
+                    if p.get("phase") in protocol.TERMINAL_PHASES or worker.failed is not None:
+                        break
+                    time.sleep(0.5)
+            elapsed = time.monotonic() - began
+            stop_load.set()
+            load_thread.join(timeout=300)
+            summary = summarize(name, queue, client, load, elapsed, base, spec, slo)
+            plot(out_dir / "demo.png", load, progress_log, name)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print_summary(console, summary, out_dir)
+            return summary
+        finally:
+            stop_load.set()
+            server.should_exit = True
+            stop_worker.set()
+            for thread in threads:
+                thread.join(timeout=60)
+
+
+def summarize(name, queue, client, load, elapsed, base, spec, slo) -> dict:
+    progress = queue.progress(name)
+    versions = [json.loads(v) for v in client.lrange(protocol.job_versions(queue.service, name), 0, -1)]
+    ft_tokens = int(progress.get("step") or 0) * spec["training"].get("batchTokens", 0)
+    sample_prompt = "What is the capital of France?"
+    completion = ""
+    if versions:
+        body = {"model": name, "prompt": sample_prompt, "max_tokens": 24, "temperature": 0}
+        for _ in range(50):  # the replica hot-loads the last version within moments
+            reply = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            if reply.status_code == 200:
+                completion = reply.json()["choices"][0]["text"]
+                break
+            time.sleep(0.2)
+    return {
+        "job": name, "phase": progress.get("phase"), "message": progress.get("message"),
+        "steps": int(progress.get("step") or 0), "final_loss": float(progress.get("loss") or "nan"),
+        "finetune_tokens_per_s": ft_tokens / elapsed if elapsed else 0.0,
+        "elapsed_s": elapsed, "adapter_versions": [f"{name}@v{v['version']}" for v in versions],
+        "requests": load.done, "request_errors": load.errors, "slo_attainment": load.attainment,
+        "slo": {"ttft_ms": slo.ttft_s * 1000, "tpot_ms": slo.tpot_s * 1000},
+        "ttft_p50_s": percentile(load.ttfts, 50), "tpot_p50_s": percentile(load.tpots, 50),
+        "inference_tokens_per_s": load.tokens / elapsed if elapsed else 0.0,
+        "sample": {"model": name, "prompt": sample_prompt, "completion": completion},
+    }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+
+
+def print_summary(console, s: dict, out_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="FlexLLM demo: fine-tuning co-served with inference", show_header=False)
+    rows = [
+        ("job", f"{s['job']}: {s['phase']} after {s['steps']} steps, loss {s['final_loss']:.3f}"),
+        ("fine-tuning", f"{s['finetune_tokens_per_s']:.1f} tokens/s over {s['elapsed_s']:.0f} s"),
+        ("adapter versions", ", ".join(s["adapter_versions"]) or "none"),
+        ("inference", f"{s['requests']} requests, {s['inference_tokens_per_s']:.1f} tokens/s, "
+                      f"{s['request_errors']} errors"),
+        ("SLO attainment", f"{s['slo_attainment']:.1%} (TTFT {s['slo']['ttft_ms']:.0f} ms and "
+                           f"TPOT {s['slo']['tpot_ms']:.0f} ms both)"),
+        (f"{s['sample']['model']} says", f"{s['sample']['prompt']!r} -> {s['sample']['completion']!r}"),
+        ("saved", f"{out_dir / 'demo.png'}, {out_dir / 'summary.json'}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def plot(path: Path, load: LoadResult, progress_log: list[tuple[float, int, float]], name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if progress_log:
+        left.plot([p[0] for p in progress_log], [p[2] for p in progress_log], "o-")
+    left.set(xlabel="time (s)", ylabel="training loss", title=f"FinetuneJob {name}")
+    if load.timeline:
+        right.scatter([t for t, _ in load.timeline], [v for _, v in load.timeline], s=10)
+    right.axhline(load.slo.ttft_s, color="red", linestyle="--", label="TTFT SLO")
+    right.set(xlabel="arrival (s)", ylabel="TTFT (s)", title="Inference requests while fine-tuning")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
