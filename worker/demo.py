@@ -180,8 +180,9 @@ def run_demo(job_file: Path, model: str, rate: float, slo: SLO, out_dir: Path, m
                     step, total = int(p.get("step") or 0), int(p.get("total_steps") or 0) or None
                     if not progress_log or progress_log[-1][1] != step:
                         progress_log.append((time.monotonic() - began, step, float(p.get("loss") or "nan")))
+                    loss = f"{float(p['loss']):.3f}" if p.get("loss") else "-"
                     bars.update(task, completed=step, total=total, status=(
-                        f"{p.get('phase', '?')} loss {p.get('loss', '-')} | requests {load.done} "
+                        f"{p.get('phase', '?')} loss {loss} | requests {load.done} "
                         f"SLO {load.attainment:.0%}"))
                     if p.get("phase") in protocol.TERMINAL_PHASES or worker.failed is not None:
                         break
@@ -207,15 +208,7 @@ def summarize(name, queue, client, load, elapsed, base, spec, slo) -> dict:
     versions = [json.loads(v) for v in client.lrange(protocol.job_versions(queue.service, name), 0, -1)]
     ft_tokens = int(progress.get("step") or 0) * spec["training"].get("batchTokens", 0)
     sample_prompt = "What is the capital of France?"
-    completion = ""
-    if versions:
-        body = {"model": name, "prompt": sample_prompt, "max_tokens": 24, "temperature": 0}
-        for _ in range(50):  # the replica hot-loads the last version within moments
-            reply = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-            if reply.status_code == 200:
-                completion = reply.json()["choices"][0]["text"]
-                break
-            time.sleep(0.2)
+    completion = complete(base, name, sample_prompt) if versions else ""
     return {
         "job": name, "phase": progress.get("phase"), "message": progress.get("message"),
         "steps": int(progress.get("step") or 0), "final_loss": float(progress.get("loss") or "nan"),
@@ -225,8 +218,20 @@ def summarize(name, queue, client, load, elapsed, base, spec, slo) -> dict:
         "slo": {"ttft_ms": slo.ttft_s * 1000, "tpot_ms": slo.tpot_s * 1000},
         "ttft_p50_s": percentile(load.ttfts, 50), "tpot_p50_s": percentile(load.tpots, 50),
         "inference_tokens_per_s": load.tokens / elapsed if elapsed else 0.0,
-        "sample": {"model": name, "prompt": sample_prompt, "completion": completion},
+        "sample": {"model": name, "prompt": sample_prompt, "completion": completion,
+                   "base_completion": complete(base, "base", sample_prompt)},
     }
+
+
+def complete(base: str, model: str, prompt: str) -> str:
+    """A greedy completion; retried while the replica hot-loads the adapter's latest version."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    for _ in range(50):
+        reply = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        if reply.status_code == 200:
+            return reply.json()["choices"][0]["text"]
+        time.sleep(0.2)
+    return f"<{reply.status_code}: {reply.text}>"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -249,6 +254,7 @@ def print_summary(console, s: dict, out_dir: Path) -> None:
         ("SLO attainment", f"{s['slo_attainment']:.1%} (TTFT {s['slo']['ttft_ms']:.0f} ms and "
                            f"TPOT {s['slo']['tpot_ms']:.0f} ms both)"),
         (f"{s['sample']['model']} says", f"{s['sample']['prompt']!r} -> {s['sample']['completion']!r}"),
+        ("base model says", f"{s['sample']['prompt']!r} -> {s['sample']['base_completion']!r}"),
         ("saved", f"{out_dir / 'demo.png'}, {out_dir / 'summary.json'}"),
     ]
     for key, value in rows:
