@@ -17,29 +17,35 @@ from finetune_helpers import (
 
 from flexllm.worker.finetune.layer import Dropout
 from flexllm.worker.finetune.spec import LoraSpec
-from flexllm.worker.finetune.work import SequenceWork
+from flexllm.worker.finetune.work import BatchWork
 
 SPEC = LoraSpec(rank=4, alpha=8, target_modules=ALL_TARGETS)
-LENGTHS = [70, 33]
-# (forward chunk size, backward token budget, backward window): whole sequence, token-sized
-# windows, odd windows, and fixed 16-token windows cut into one-layer blocks by a small budget
-CUTS = [(10_000, 10_000, None), (1, 3, None), (7, 5, None), (64, 2, 16)]
+BATCHES = [[70, 33], [2, 41, 9, 5]]  # micro-batches (sequence lengths), packed into one stream each
+# (forward budget, backward budget, window): the whole stream in one tail unit; forward chunks,
+# a 16-token tail unit, then whole-stream windows; token-sized units; odd sizes; 16-token windows
+# cut into one-layer blocks by a small budget
+CUTS = [(10_000, 10_000, None), (10_000, 10_000, 16), (1, 3, None), (7, 5, None), (64, 2, 16)]
 
 
-def run_sequences(model, lora, seqs, chunk, budget, window, dropout_p=0.0) -> float:
-    """Forward in ``chunk``-token chunks, backward in units of ``budget``; returns the mean loss."""
+def run_batches(model, lora, batches, forward, backward, window, dropout_p=0.0) -> float:
+    """Each micro-batch in units of the ``forward``/``backward`` budgets; returns the mean loss."""
     lora.zero_grad()
-    num_targets = sum(s.num_targets for s in seqs)
+    num_targets = sum(s.num_targets for seqs in batches for s in seqs)
     total = 0.0
-    for i, seq in enumerate(seqs):
-        dropout = Dropout(dropout_p, key=i) if dropout_p else None
-        work = SequenceWork(model, lora, seq, 1.0 / num_targets, dropout, backward_window=window)
-        while not work.forward_done:
-            assert work.forward_chunk(chunk) <= chunk
+    for i, seqs in enumerate(batches):
+        keys = [10 * i + j for j in range(len(seqs))]
+        work = BatchWork(model, lora, seqs, 1.0 / num_targets, dropout_p, keys, window)
         while not work.finished:
-            assert work.backward_unit(budget) <= budget
+            budget = backward if work.next_is_backward else forward
+            cost, _ = work.unit(budget)
+            assert 0 < cost <= max(forward, backward)  # a span begun under the other budget may cost more
         total += work.loss_sum
     return total / num_targets
+
+
+def sequences(vocab: int, batches: list[list[int]]):
+    seqs = iter(random_sequences(vocab, [n for lengths in batches for n in lengths]))
+    return [[next(seqs) for _ in lengths] for lengths in batches]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -49,40 +55,53 @@ def setup(request, tiny_llama_dir, tiny_qwen2_dir):
     lora = random_lora(model, SPEC)
     peft = peft_model(folder, SPEC)
     copy_into_peft(peft, lora)
-    seqs = random_sequences(model.args.vocab_size, LENGTHS)
+    batches = sequences(model.args.vocab_size, BATCHES)
+    seqs = [s for batch in batches for s in batch]
     loss = peft_loss_sum(peft, seqs) / sum(s.num_targets for s in seqs)
     loss.backward()
-    return model, lora, seqs, loss.item(), peft_grads(peft, lora)
+    return model, lora, batches, loss.item(), peft_grads(peft, lora)
 
 
-@pytest.mark.parametrize("chunk,budget,window", CUTS)
-def test_gradients_match_hf_peft(setup, chunk, budget, window):
-    model, lora, seqs, ref_loss, ref_grads = setup
-    loss = run_sequences(model, lora, seqs, chunk, budget, window)
+@pytest.mark.parametrize("forward,backward,window", CUTS)
+def test_gradients_match_hf_peft(setup, forward, backward, window):
+    model, lora, batches, ref_loss, ref_grads = setup
+    loss = run_batches(model, lora, batches, forward, backward, window)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert max_rel_error(our_grads(lora), ref_grads) <= 1e-4
     assert all(not p.requires_grad for p in model.parameters())  # the base stays frozen
 
 
+def test_units_span_sequences_and_fill_the_budget(tiny_llama_dir):
+    model, _ = engine_model(tiny_llama_dir)
+    lora = random_lora(model, SPEC)
+    (seqs,) = sequences(model.args.vocab_size, [[6] * 12])
+    work = BatchWork(model, lora, seqs, 1.0, window=16)
+    assert work.unit(32) == (32, "forward")  # 32 tokens of 6 sequences through both layers
+    assert work.unit(1) == (1, "forward")  # a 1-token budget: one layer of a 2-token span
+    assert work.forward_layer == 1
+
+
 def test_dropout_gradients_do_not_depend_on_cutting(tiny_llama_dir):
     model, _ = engine_model(tiny_llama_dir)
     lora = random_lora(model, SPEC)
-    seqs = random_sequences(model.args.vocab_size, [40])
+    batches = sequences(model.args.vocab_size, [[40, 7]])
     results = []
-    for chunk, budget, window in [(10_000, 10_000, None), (3, 2, 8)]:
-        loss = run_sequences(model, lora, seqs, chunk, budget, window, dropout_p=0.3)
+    for forward, backward, window in [(10_000, 10_000, None), (3, 2, 8)]:
+        loss = run_batches(model, lora, batches, forward, backward, window, dropout_p=0.3)
         results.append((loss, {k: g.clone() for k, g in our_grads(lora).items()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert max_rel_error(grads_b, grads_a) <= 1e-4
-    no_dropout = run_sequences(model, lora, seqs, 10_000, 10_000, None)
+    no_dropout = run_batches(model, lora, batches, 10_000, 10_000, None)
     assert abs(no_dropout - loss_a) > 1e-4  # dropout did change the computation
 
 
 def test_dropout_mask_rate_and_determinism():
     x = torch.ones(64, 256)
-    dropout = Dropout(0.25, key=7)
-    full = dropout.apply(x, 0, layer=1, target="q_proj")
+    keys, positions = torch.full((64,), 7), torch.arange(64)
+    full = Dropout(0.25, keys, positions).apply(x, layer=1, target="q_proj")
     assert (full == 0).float().mean().item() == pytest.approx(0.25, abs=0.02)
-    assert torch.equal(full[10:20], dropout.apply(x[10:20], 10, layer=1, target="q_proj"))
-    assert not torch.equal(full, dropout.apply(x, 0, layer=1, target="v_proj"))
+    part = Dropout(0.25, keys[10:20], positions[10:20]).apply(x[10:20], layer=1, target="q_proj")
+    assert torch.equal(full[10:20], part)  # a function of (key, position), not of the chunk
+    assert not torch.equal(full, Dropout(0.25, keys, positions).apply(x, layer=1, target="v_proj"))
+    assert not torch.equal(full, Dropout(0.25, keys + 1, positions).apply(x, layer=1, target="q_proj"))

@@ -59,43 +59,48 @@ def _fold_kv(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(h_q // groups, groups, length, d).sum(1).transpose(0, 1)
 
 
-class ChunkAttentionFn(torch.autograd.Function):
-    """Causal attention of a chunk's queries over the sequence's earlier K/V plus its own.
+def _mask(segments: torch.Tensor, past: int) -> torch.Tensor:
+    """[n, p+n] True where query i (key index p+i) may attend key j: same sequence, j <= p+i."""
+    keys = torch.arange(segments.shape[0], device=segments.device)
+    causal = keys[None, :] <= keys[past:, None]
+    return causal & (segments[None, :] == segments[past:, None])
 
-    q [n, H_q, D] sits at positions p..p+n-1; k_past, v_past [p, H_kv, D] (views of the sequence's
-    K/V storage); k, v [n, H_kv, D]. Saves q, k, v, the past views, out and the row log-sum-exp
-    [H_q, n]; backward recomputes the probabilities (flash-attention style) and returns dK/dV of
-    the past positions too, which the caller accumulates for the earlier chunks.
+
+class ChunkAttentionFn(torch.autograd.Function):
+    """Causal attention of a packed chunk's queries over earlier K/V plus its own, per sequence.
+
+    q [n, H_q, D]; k_past, v_past [p, H_kv, D] (views of the stream's K/V storage, starting at the
+    first token of the chunk's first sequence); k, v [n, H_kv, D]; segments [p+n] the sequence id
+    of each key (a query sees only keys of its own sequence). Saves q, k, v, the past views,
+    segments, out and the row log-sum-exp [H_q, n]; backward recomputes the probabilities
+    (flash-attention style) and returns dK/dV of the past positions too, which the caller
+    accumulates for the earlier chunks.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, k_past, v_past, scale: float):
-        n, h_q, _ = q.shape
-        groups = h_q // k.shape[1]
+    def forward(ctx, q, k, v, k_past, v_past, segments, scale: float):
+        groups = q.shape[1] // k.shape[1]
         keys = _expand_kv(torch.cat((k_past, k)), groups)  # [H_q, p+n, D]
         values = _expand_kv(torch.cat((v_past, v)), groups)
         scores = torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).float() * scale  # [H_q, n, p+n]
-        past = k_past.shape[0]
-        mask = torch.ones(n, past + n, dtype=torch.bool, device=q.device).tril(past)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~_mask(segments, k_past.shape[0]), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [H_q, n]
         probs = torch.exp(scores - lse[..., None]).to(q.dtype)
         out = torch.matmul(probs, values).transpose(0, 1).contiguous()  # [n, H_q, D]
-        ctx.save_for_backward(q, k, v, k_past, v_past, out, lse)
+        ctx.save_for_backward(q, k, v, k_past, v_past, segments, out, lse)
         ctx.scale, ctx.groups = scale, groups
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, k_past, v_past, out, lse = ctx.saved_tensors
-        scale, groups = ctx.scale, ctx.groups
-        n, past = q.shape[0], k_past.shape[0]
+        q, k, v, k_past, v_past, segments, out, lse = ctx.saved_tensors
+        scale, groups, past = ctx.scale, ctx.groups, k_past.shape[0]
         keys = _expand_kv(torch.cat((k_past, k)), groups)  # [H_q, p+n, D]
         values = _expand_kv(torch.cat((v_past, v)), groups)
         qt, dot = q.transpose(0, 1), d_out.transpose(0, 1)  # [H_q, n, D]
-        mask = torch.ones(n, past + n, dtype=torch.bool, device=q.device).tril(past)
         scores = torch.matmul(qt, keys.transpose(1, 2)).float() * scale
-        probs = torch.exp(scores.masked_fill(~mask, float("-inf")) - lse[..., None])  # [H_q, n, p+n]
+        scores = scores.masked_fill(~_mask(segments, past), float("-inf"))
+        probs = torch.exp(scores - lse[..., None])  # [H_q, n, p+n]
         d_values = torch.matmul(probs.to(q.dtype).transpose(1, 2), dot)  # [H_q, p+n, D]
         d_probs = torch.matmul(dot, values.transpose(1, 2)).float()
         delta = (dot.float() * out.transpose(0, 1).float()).sum(-1, keepdim=True)  # [H_q, n, 1]
@@ -103,7 +108,7 @@ class ChunkAttentionFn(torch.autograd.Function):
         dq = torch.matmul(d_scores, keys).transpose(0, 1)  # [n, H_q, D]
         dk_all = _fold_kv(torch.matmul(d_scores.transpose(1, 2), qt), groups)  # [p+n, H_kv, D]
         dv_all = _fold_kv(d_values, groups)
-        return dq, dk_all[past:], dv_all[past:], dk_all[:past], dv_all[:past], None
+        return dq, dk_all[past:], dv_all[past:], dk_all[:past], dv_all[:past], None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,5 +119,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return SiluMulFn.apply(gate_up)
 
 
-def chunk_attention(q, k, v, k_past, v_past, scale: float) -> torch.Tensor:
-    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, scale)
+def chunk_attention(q, k, v, k_past, v_past, segments: torch.Tensor, scale: float) -> torch.Tensor:
+    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, segments, scale)

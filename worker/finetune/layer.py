@@ -1,8 +1,10 @@
-"""Training forward of the engine model's layers on one token chunk, LoRA added, base frozen.
+"""Training forward of the engine model's layers on one packed token chunk, LoRA added, base frozen.
 
-The same code serves the no-grad forward chunks and the backward units' recomputation, so a
-unit's graph is exactly the chunk's forward. Dropout masks are a hash of (key, token position,
-feature): identical however the sequence is cut into chunks or windows.
+A chunk is a slice of a micro-batch's packed token stream: several sequences back to back, each
+with its own positions and causal (block-diagonal) attention. The same code serves the no-grad
+forward units and the backward units' recomputation, so a unit's graph is exactly the chunk's
+forward. Dropout masks are a hash of (sequence key, position in the sequence, feature): identical
+however the stream is cut into chunks, windows or layer blocks.
 """
 
 from __future__ import annotations
@@ -28,29 +30,29 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Dropout:
-    """LoRA input dropout with probability ``p`` for one sequence of one step (``key`` seeds it)."""
+    """LoRA input dropout with probability ``p``; ``keys`` [n] and ``positions`` [n] name each token."""
 
     p: float
-    key: int
+    keys: torch.Tensor  # [n] int64: the token's sequence key (one per sequence and step)
+    positions: torch.Tensor  # [n] int64: the token's position in its sequence
 
-    def apply(self, x: torch.Tensor, start: int, layer: int, target: str) -> torch.Tensor:
-        """x [n, in] of tokens start..start+n-1 -> dropped and rescaled x."""
-        n, width = x.shape
-        seed = (self.key * 131 + layer * len(LORA_TARGETS) + LORA_TARGETS.index(target)) & _MASK32
-        salt = _hash32(torch.tensor(seed))
-        index = torch.arange(start * width, (start + n) * width, device=x.device).view(n, width)
-        bits = _hash32((index ^ salt.to(x.device)) & _MASK32)
+    def apply(self, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        """x [n, in] -> dropped and rescaled x."""
+        width = x.shape[1]
+        salt = _hash32((self.keys * 131 + layer * len(LORA_TARGETS) + LORA_TARGETS.index(target)) & _MASK32)
+        index = self.positions[:, None] * width + torch.arange(width, device=x.device)  # [n, in]
+        bits = _hash32((index ^ salt[:, None]) & _MASK32)
         keep = bits.double() >= self.p * 2**32
         return x * keep.to(x.dtype) / (1 - self.p)
 
 
 @dataclass
 class ChunkInput:
-    """The chunk's tokens' positions and the sequence's K/V before it."""
+    """A chunk's rotary tables, its keys' sequence ids (block-diagonal attention) and dropout."""
 
-    start: int  # position of the chunk's first token
     cos: torch.Tensor  # [n, 1, D/2]
     sin: torch.Tensor
+    segments: torch.Tensor  # [p+n]: sequence id of each key (the chunk's p past keys, then its own)
     dropout: Dropout | None
 
 
@@ -66,7 +68,7 @@ def project(
     for i, target in enumerate(module.out_slices):
         if target in pairs:
             a, b = pairs[target]
-            xd = x if chunk.dropout is None else chunk.dropout.apply(x, chunk.start, layer, target)
+            xd = x if chunk.dropout is None else chunk.dropout.apply(x, layer, target)
             parts[i] = parts[i] + (xd @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * lora.scaling)
     return torch.cat(parts, dim=-1)
 
@@ -96,7 +98,7 @@ def decoder_layer(
     q = apply_rotary(q.view(n, args.num_heads, args.head_dim), chunk.cos, chunk.sin)
     k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
     v = v.view(n, args.num_kv_heads, args.head_dim)
-    o = chunk_attention(q, k, v, k_past, v_past, attn.scale).reshape(n, -1)
+    o = chunk_attention(q, k, v, k_past, v_past, chunk.segments, attn.scale).reshape(n, -1)
     x = x + project(attn.o_proj, o, lora, layer, chunk)
     h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
     gate_up = project(mlp.gate_up_proj, h, lora, layer, chunk)
@@ -104,7 +106,11 @@ def decoder_layer(
 
 
 def loss_sum(model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the final residual x [n, H] against targets [n] (-100 = ignored)."""
-    h = rms_norm(x, model.norm, model.args.rms_norm_eps)
-    logits = model.compute_logits(h)  # [n, V] fp32
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    """Summed cross-entropy of the final residual x [n, H] against targets [n] (-100 = ignored).
+
+    Only the rows with a target go through the final norm and the LM head.
+    """
+    rows = targets != -100
+    h = rms_norm(x[rows], model.norm, model.args.rms_norm_eps)
+    logits = model.compute_logits(h)  # [m, V] fp32
+    return F.cross_entropy(logits, targets[rows], reduction="sum")

@@ -1,7 +1,8 @@
 """``FinetuneRunner``: one FinetuneJob on the shared engine model, driven by token budgets.
 
-Each ``run_work(budget)`` call does one unit: a forward chunk of the current sequence or one
-backward unit; when the step's last sequence finishes backward the optimizer steps, and every
+Each ``run_work(budget)`` call does one unit of the current micro-batch (its sequences packed into
+one stream, see ``work``): forward or backward; when the step's last micro-batch finishes
+backward the optimizer steps, and every
 ``publish.everySteps`` steps (and at the end) a new adapter version is written with the
 checkpoint (optimizer, schedule, step, data position, RNG) needed to resume exactly there.
 The loss of a step is the mean cross-entropy over all loss tokens of its
@@ -28,11 +29,10 @@ from flexllm.worker.finetune.data import (
     TrainingSequence,
     micro_batches_per_epoch,
 )
-from flexllm.worker.finetune.layer import Dropout
 from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.finetune.work import SequenceWork
+from flexllm.worker.finetune.work import BatchWork
 
 TRAINER_STATE = "trainer_state.pt"
 METADATA = "metadata.json"  # step, loss, tokens, time of a version
@@ -88,10 +88,10 @@ class FinetuneRunner:
         self.loss: float | None = None
         self.latest_version: int | None = None
         self.busy_seconds = 0.0
-        self._queue: list[TrainingSequence] = []  # the current step's sequences not started yet
-        self._work: SequenceWork | None = None
+        self._queue: list[list[TrainingSequence]] = []  # the current step's micro-batches not started
+        self._work: BatchWork | None = None
         self._step_targets = 0
-        self._step_index = 0  # sequences of the current step started so far
+        self._step_index = 0  # sequences of the current step started so far (dropout keys)
         self._step_loss = 0.0
         self._step_tokens = 0
         torch.manual_seed(training.seed)
@@ -106,45 +106,45 @@ class FinetuneRunner:
     @property
     def next_work_is_backward(self) -> bool:
         """Whether the next ``run_work`` does backward work (priced higher by the scheduler)."""
-        return self._work is not None and self._work.forward_done
+        return self._work is not None and self._work.next_is_backward
 
     def run_work(self, token_budget: int) -> WorkDone:
-        """Do up to ``token_budget`` tokens of forward-chunk or backward-unit work."""
+        """Do one forward or backward unit costing up to ``token_budget`` tokens."""
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if self.done:
             return WorkDone(0, "idle")
         began = time.perf_counter()
-        work = self._work or self._next_sequence()
-        if not work.forward_done:
-            result = WorkDone(work.forward_chunk(token_budget), "forward")
-        else:
-            result = WorkDone(work.backward_unit(token_budget), "backward")
-            if work.finished:
-                result = self._sequence_finished(work, result)
+        work = self._work or self._next_batch()
+        result = WorkDone(*work.unit(token_budget))
+        if work.finished:
+            result = self._batch_finished(work, result)
         self.busy_seconds += time.perf_counter() - began
         return result
 
-    def _next_sequence(self) -> SequenceWork:
+    def _next_batch(self) -> BatchWork:
+        training = self.job.training
         if not self._queue:  # a new optimizer step
-            training = self.job.training
-            for _ in range(training.gradient_accumulation):
-                self._queue += self.stream.micro_batch(training.batch_tokens)
-            self._step_targets = sum(s.num_targets for s in self._queue)
+            accumulation = training.gradient_accumulation
+            self._queue = [self.stream.micro_batch(training.batch_tokens) for _ in range(accumulation)]
+            self._step_targets = sum(s.num_targets for batch in self._queue for s in batch)
             self._step_index = 0
-        seq = self._queue.pop(0)
-        dropout = None
-        if self.job.lora.dropout > 0:
-            key = (self.job.training.seed * 1_000_003 + self.step) * 8191 + self._step_index
-            dropout = Dropout(self.job.lora.dropout, key)
-        self._step_index += 1
-        self._step_tokens += len(seq)
-        self._work = SequenceWork(
-            self.model, self.lora, seq, 1.0 / self._step_targets, dropout, self.backward_window
+        seqs = self._queue.pop(0)
+        first_key = (training.seed * 1_000_003 + self.step) * 8191 + self._step_index
+        self._step_index += len(seqs)
+        self._step_tokens += sum(len(s) for s in seqs)
+        self._work = BatchWork(
+            self.model,
+            self.lora,
+            seqs,
+            1.0 / self._step_targets,
+            self.job.lora.dropout,
+            list(range(first_key, first_key + len(seqs))),
+            self.backward_window,
         )
         return self._work
 
-    def _sequence_finished(self, work: SequenceWork, result: WorkDone) -> WorkDone:
+    def _batch_finished(self, work: BatchWork, result: WorkDone) -> WorkDone:
         self._work = None
         self._step_loss += work.loss_sum
         if self._queue:
