@@ -14,6 +14,8 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from flexllm.worker import protocol
+
 log = logging.getLogger(__name__)
 
 URL_ENV = "FLEXLLM_REDIS_URL"
@@ -51,6 +53,15 @@ def _options(url: str) -> dict:
 def connect(url: str) -> redis.Redis:
     """A client for ``url``; the password is the URL's or ``$REDIS_PASSWORD``. Does not connect yet."""
     return redis.Redis.from_url(url, **_options(url))
+
+
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """Create the engines' consumer group on ``stream`` (and the stream) unless it exists."""
+    try:
+        client.xgroup_create(stream, protocol.ENGINE_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
 
 
 def connect_async(url: str) -> aredis.Redis:

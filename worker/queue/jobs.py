@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from flexllm.worker import protocol
+from flexllm.worker.queue.connection import ensure_group
 
 
 @dataclass
@@ -47,11 +48,7 @@ class JobQueue:
         return True
 
     def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.stream, protocol.ENGINE_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        ensure_group(self.client, self.stream)
 
     def claim(self, consumer: str, count: int = 8, reclaim_idle_ms: int = 60_000
               ) -> list[tuple[str, JobSubmission | None]]:

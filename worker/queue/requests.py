@@ -15,6 +15,7 @@ import redis
 import redis.asyncio as aredis
 
 from flexllm.worker import protocol
+from flexllm.worker.queue.connection import ensure_group
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
 BLOCK_MS = 2000  # longest blocking read: well under the client's socket timeout
@@ -84,11 +85,7 @@ class RequestConsumer:
         self._next_reclaim = 0.0
 
     def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.stream, protocol.ENGINE_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        ensure_group(self.client, self.stream)
 
     def claim(self, count: int, block_ms: int) -> list[ClaimedRequest]:
         """Up to ``count`` requests: first those pending on dead consumers, then new ones."""
