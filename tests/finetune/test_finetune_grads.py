@@ -1,5 +1,7 @@
 """LoRA gradients of the token-level forward + split backward equal HF PEFT's full-sequence ones."""
 
+import itertools
+
 import pytest
 import torch
 from finetune_helpers import (
@@ -23,12 +25,24 @@ SPEC = LoraSpec(rank=4, alpha=8, target_modules=ALL_TARGETS)
 BATCHES = [[70, 33], [2, 41, 9, 5]]  # micro-batches (sequence lengths), packed into one stream each
 # (forward budget, backward budget, window): the whole stream in one tail unit; forward chunks,
 # a 16-token tail unit, then whole-stream windows; token-sized units; odd sizes; 16-token windows
-# cut into one-layer blocks by a small budget
-CUTS = [(10_000, 10_000, None), (10_000, 10_000, 16), (1, 3, None), (7, 5, None), (64, 2, 16)]
+# cut into one-layer blocks by a small budget; changing budgets that split spans in progress
+CUTS = [
+    (10_000, 10_000, None),
+    (10_000, 10_000, 16),
+    (1, 3, None),
+    (7, 5, None),
+    (64, 2, 16),
+    ((9, 1, 4), (6, 1, 2), 24),
+]
 
 
 def run_batches(model, lora, batches, forward, backward, window, dropout_p=0.0) -> float:
-    """Each micro-batch in units of the ``forward``/``backward`` budgets; returns the mean loss."""
+    """Each micro-batch in units of the ``forward``/``backward`` budgets (an int, or a tuple of
+    budgets taken in turn); returns the mean loss."""
+    budgets = {
+        kind: itertools.cycle(b if isinstance(b, tuple) else (b,))
+        for kind, b in (("forward", forward), ("backward", backward))
+    }
     lora.zero_grad()
     num_targets = sum(s.num_targets for seqs in batches for s in seqs)
     total = 0.0
@@ -36,9 +50,9 @@ def run_batches(model, lora, batches, forward, backward, window, dropout_p=0.0) 
         keys = [10 * i + j for j in range(len(seqs))]
         work = BatchWork(model, lora, seqs, 1.0 / num_targets, dropout_p, keys, window)
         while not work.finished:
-            budget = backward if work.next_is_backward else forward
+            budget = next(budgets["backward" if work.next_is_backward else "forward"])
             cost, _ = work.unit(budget)
-            assert 0 < cost <= max(forward, backward)  # a span begun under the other budget may cost more
+            assert 0 < cost <= budget
         total += work.loss_sum
     return total / num_targets
 
@@ -78,7 +92,11 @@ def test_units_span_sequences_and_fill_the_budget(tiny_llama_dir):
     work = BatchWork(model, lora, seqs, 1.0, window=16)
     assert work.unit(32) == (32, "forward")  # 32 tokens of 6 sequences through both layers
     assert work.unit(1) == (1, "forward")  # a 1-token budget: one layer of a 2-token span
-    assert work.forward_layer == 1
+    assert work.unit(5) == (1, "forward")  # that span's other layer
+    assert work.forward_pos == 34
+    assert work.unit(4) == (4, "forward")  # one layer of an 8-token span
+    assert work.unit(1) == (1, "forward")  # a smaller budget splits it: its first 2 tokens go on
+    assert work.forward_pos == 36
 
 
 def test_dropout_gradients_do_not_depend_on_cutting(tiny_llama_dir):

@@ -18,8 +18,10 @@ a "tail" unit runs it from the embeddings with the graph and backpropagates at o
 the full gradient is produced exactly once, so the result does not depend on how units are cut.
 
 Unit sizes: a unit of w tokens through k of the L layers costs ceil(w k / L) tokens. A budget b at
-least the ``window`` runs b tokens through all layers; a smaller one runs a span of
-min(window, b L) tokens through the few layers it pays for (cheaper than all layers of b tokens).
+least the ``window`` runs b tokens through all layers; a smaller one starts a span of
+min(window, b L) tokens and runs it through the few layers it pays for (cheaper than all layers
+of b tokens). A span in progress that one layer of exceeds a later, smaller budget is split: its
+first (forward) or last (backward) b L tokens go on alone, so no unit costs more than its budget.
 """
 
 from __future__ import annotations
@@ -83,12 +85,11 @@ class BatchWork:
         self.k, self.v = weight.new_empty(kv_shape), weight.new_empty(kv_shape)
         self.dk, self.dv = weight.new_zeros(kv_shape), weight.new_zeros(kv_shape)
         self.forward_pos = 0  # tokens through every layer
-        self.chunk_end = 0  # end of the forward chunk in progress
-        self.forward_layer = 0  # its next layer (0: no chunk in progress)
-        self.window_end = self.length  # backward: windows below this are still to do
-        self.span: tuple[int, int] | None = None  # the backward window in progress
-        self.layer_top = self.num_layers  # layers of the current window below this are still to do
-        self.grad_out: torch.Tensor | None = None  # [w, H] gradient of checkpoint ``layer_top``
+        self.window_end = self.length  # backward: tokens below this are in no window yet
+        # forward pieces in progress, left to right: (start, end, next layer)
+        self._ahead: list[tuple[int, int, int]] = []
+        # backward pieces in progress, right to left: (start, end, top layer, gradient at the top [w, H])
+        self._behind: list[tuple[int, int, int, torch.Tensor | None]] = []
         self.loss_sum = 0.0  # unscaled summed cross-entropy
 
     @property
@@ -97,28 +98,25 @@ class BatchWork:
 
     @property
     def finished(self) -> bool:
-        return self.window_end == 0
+        return self.window_end == 0 and not self._behind
 
     @property
     def next_is_backward(self) -> bool:
         """Backward work comes next (a budget too small for the tail unit gets a forward unit)."""
-        return self.forward_done or (self.forward_layer == 0 and self.length - self.forward_pos <= self.window)
+        return self.forward_done or (not self._ahead and self.length - self.forward_pos <= self.window)
 
     def unit(self, budget: int) -> tuple[int, Literal["forward", "backward"]]:
-        """One unit of at most ``budget`` tokens' cost (at least one layer of a span in progress)."""
+        """One unit costing at most ``budget`` tokens."""
         if self.forward_done:
             return self._backward_unit(budget), "backward"
         tail = self.length - self.forward_pos
-        if self.forward_layer == 0 and tail <= min(budget, self.window):
+        if not self._ahead and tail <= min(budget, self.window):
             return self._tail_unit(), "backward"
         return self._forward_unit(budget), "forward"
 
     # -- sizes -------------------------------------------------------------------------------
     def _span(self, budget: int, available: int) -> int:
         return min(available, max(budget, min(self.window, budget * self.num_layers)))
-
-    def _layers(self, budget: int, width: int, left: int) -> int:
-        return max(1, min(left, budget * self.num_layers // width))
 
     def _cost(self, width: int, layers: int) -> int:
         return math.ceil(width * layers / self.num_layers)
@@ -135,14 +133,18 @@ class BatchWork:
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
     def _forward_unit(self, budget: int) -> int:
-        start, first = self.forward_pos, self.forward_layer
-        if first == 0:  # a new chunk; it stops short of a window-sized tail for the tail unit
-            left = self.length - start
+        if not self._ahead:  # a new chunk; it stops short of a window-sized tail for the tail unit
+            start, left = self.forward_pos, self.length - self.forward_pos
             width = self._span(budget, left)
-            end = self.chunk_end = start + (min(width, left - self.window) if left > self.window else width)
+            end = start + (min(width, left - self.window) if left > self.window else width)
             self.checkpoints[0, start:end] = self.model.embed_tokens(self.token_ids[start:end])
-        end = self.chunk_end
-        layers = self._layers(budget, end - start, self.num_layers - first)
+            self._ahead = [(start, end, 0)]
+        start, end, first = self._ahead.pop(0)
+        layers = budget * self.num_layers // (end - start)
+        if layers == 0:  # split: the first b L tokens go one layer on
+            self._ahead.insert(0, (start + budget * self.num_layers, end, first))
+            end, layers = start + budget * self.num_layers, 1
+        layers = min(layers, self.num_layers - first)
         chunk, lo = self._chunk(start, end)
         x = self.checkpoints[first, start:end]  # [n, H]
         for layer in range(first, first + layers):
@@ -152,8 +154,9 @@ class BatchWork:
             self.k[layer, start:end], self.v[layer, start:end] = k, v
             if layer + 1 < self.num_layers:
                 self.checkpoints[layer + 1, start:end] = x
-        self.forward_layer = (first + layers) % self.num_layers
-        if self.forward_layer == 0:
+        if first + layers < self.num_layers:
+            self._ahead.insert(0, (start, end, first + layers))
+        else:
             self.forward_pos = end
         return self._cost(end - start, layers)
 
@@ -163,28 +166,38 @@ class BatchWork:
         start = self.forward_pos
         with torch.no_grad():
             x_in = self.model.embed_tokens(self.token_ids[start:])
-        self.forward_pos = self.length
-        self._backward_layers(start, self.length, 0, self.num_layers, x_in)
-        self.window_end = start
+        self.forward_pos, self.window_end = self.length, start
+        self._backward_layers(start, self.length, 0, self.num_layers, x_in, None)
         return self.length - start
 
     def _backward_unit(self, budget: int) -> int:
-        if self.span is None:
+        if not self._behind:  # a new window
             width = self._span(budget, self.window_end)
-            self.span = (self.window_end - width, self.window_end)
-        start, end = self.span
-        layers = self._layers(budget, end - start, self.layer_top)
-        bottom = self.layer_top - layers
-        self._backward_layers(start, end, bottom, self.layer_top, self.checkpoints[bottom, start:end])
-        self.layer_top = bottom
-        if bottom == 0:
-            self.window_end, self.span, self.layer_top, self.grad_out = start, None, self.num_layers, None
-        return self._cost(end - start, layers)
+            self.window_end -= width
+            self._behind = [(self.window_end, self.window_end + width, self.num_layers, None)]
+        start, end, top, grad = self._behind.pop(0)
+        layers = budget * self.num_layers // (end - start)
+        if layers == 0:  # split: the last b L tokens go one layer down
+            cut = end - budget * self.num_layers
+            left, right = (None, None) if grad is None else (grad[: cut - start], grad[cut - start :])
+            self._behind.insert(0, (start, cut, top, left))
+            start, grad, layers = cut, right, 1
+        bottom = top - min(layers, top)
+        grad = self._backward_layers(start, end, bottom, top, self.checkpoints[bottom, start:end], grad)
+        if bottom > 0:
+            self._behind.insert(0, (start, end, bottom, grad))
+        return self._cost(end - start, top - bottom)
 
-    def _backward_layers(self, start: int, end: int, bottom: int, top: int, x_in: torch.Tensor) -> None:
-        """Recompute layers [bottom, top) of window [start, end) from x_in [w, H] and backpropagate."""
+    def _backward_layers(
+        self, start: int, end: int, bottom: int, top: int, x_in: torch.Tensor, grad_top: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Recompute layers [bottom, top) of [start, end) from x_in [w, H] and backpropagate.
+
+        ``grad_top`` [w, H]: the gradient of layer ``top``'s input (None at the top: the loss).
+        Returns the gradient of x_in (None for layer 0, whose input gradient is not needed).
+        """
         chunk, lo = self._chunk(start, end)
-        x_in = x_in.detach().requires_grad_(bottom > 0)  # layer 0's input gradient is not needed
+        x_in = x_in.detach().requires_grad_(bottom > 0)
         x, outputs, grads, past = x_in, [], [], []
         with torch.enable_grad():
             for layer in range(bottom, top):
@@ -201,13 +214,13 @@ class BatchWork:
                 grads.append(torch.ones_like(loss))
             else:
                 outputs.append(x)
-                grads.append(self.grad_out)
+                grads.append(grad_top)
             leaves = [x_in] if bottom > 0 else []
             leaves += [t for _, kp, vp in past for t in (kp, vp) if start > lo]
             leaves += [p for layer in range(bottom, top) for p in self.lora.layer_parameters(layer)]
             torch.autograd.backward(outputs, grads, inputs=leaves)
-        self.grad_out = x_in.grad
         if start > lo:
             for layer, k_past, v_past in past:
                 self.dk[layer, lo:start] += k_past.grad
                 self.dv[layer, lo:start] += v_past.grad
+        return x_in.grad
