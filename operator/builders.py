@@ -10,6 +10,7 @@ from flexllm.operator.models import InferenceServiceSpec
 PORT = 8000
 ADAPTER_DIR = "/adapters"
 MODEL_DIR = "/models"
+PINNED_DIR = "/pinned"  # pinned adapters' PVCs: pvc://<claim>/<path> at /pinned/<claim>/<path>
 GROUP = "flexllm.ai"
 SERVICE_LABEL = f"{GROUP}/inference-service"
 Manifest = dict[str, Any]
@@ -48,6 +49,24 @@ def model_location(uri: str) -> tuple[str, Manifest | None]:
     return uri, None
 
 
+def pinned_claims(spec: InferenceServiceSpec) -> list[str]:
+    """The PVCs the pinned adapters live on, in first-use order (one read-only volume each)."""
+    claims: list[str] = []
+    for adapter in spec.adapters:
+        if adapter.uri.startswith("pvc://"):
+            claim = adapter.uri.removeprefix("pvc://").partition("/")[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def pinned_location(uri: str) -> str:
+    """A pinned adapter's URI as the folder the worker reads (its PVC mounted under /pinned)."""
+    if uri.startswith("pvc://"):
+        return f"{PINNED_DIR}/{uri.removeprefix('pvc://')}".rstrip("/")
+    return uri.removeprefix("file://")
+
+
 def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[str]:
     """`flexllm serve` flags: model, Redis, adapter store, engine limits and SLOs."""
     model_arg, _ = model_location(spec.model.uri)
@@ -68,7 +87,7 @@ def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[s
         "--tpot-ms", f"{slo.tpot_ms:g}",
     ]
     for adapter in spec.adapters:
-        args += ["--adapter", f"{adapter.name}={adapter.uri}"]
+        args += ["--adapter", f"{adapter.name}={pinned_location(adapter.uri)}"]
     return args
 
 
@@ -100,7 +119,7 @@ def http_probe(path: str, period_s: int, failures: int) -> Manifest:
 
 
 def worker_volumes(spec: InferenceServiceSpec, config: OperatorConfig) -> tuple[list[Manifest], list[Manifest]]:
-    """(volumes, mounts): adapter store, model PVC, scratch /tmp and a RAM /dev/shm for torch."""
+    """(volumes, mounts): adapter store, model PVC, pinned adapters' PVCs, scratch /tmp, a RAM /dev/shm."""
     adapters: Manifest = (
         {"name": "adapters", "persistentVolumeClaim": {"claimName": config.adapter_pvc}}
         if config.adapter_pvc else {"name": "adapters", "emptyDir": {}}
@@ -115,6 +134,10 @@ def worker_volumes(spec: InferenceServiceSpec, config: OperatorConfig) -> tuple[
     if model_volume is not None:
         volumes.append(model_volume)
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    for index, claim in enumerate(pinned_claims(spec)):
+        volume = f"pinned-{index}"  # claim names may hold dots; volume names are DNS labels
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": volume, "mountPath": f"{PINNED_DIR}/{claim}", "readOnly": True})
     return volumes, mounts
 
 

@@ -8,6 +8,7 @@ tests rely on, and nothing else:
 - object metadata the server owns: uid, creationTimestamp, resourceVersion, generation (bumped
   on spec changes only), and the status subresource writing only .status;
 - server-side apply (PATCH application/apply-patch+yaml), which creates absent objects;
+- names for creates with only a generateName (kopf's Events);
 - lists with their ``…List`` kind, and ``/api/v1`` discovery with its groupVersion;
 - kubectl's server-side printing: Tables built from the CRDs' additionalPrinterColumns.
 
@@ -108,6 +109,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             object.__setattr__(request, "action", enums.action.CREATE)
         if request.action == enums.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.update(uid=str(uuid.uuid4()), resourceVersion=version, generation=1,
                         creationTimestamp=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             if request.namespace:

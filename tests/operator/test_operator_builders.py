@@ -50,7 +50,38 @@ def test_file_model_and_pinned_adapters():
     args = builders.worker_args("m", "ns", spec(model={"uri": "file:///data/qwen"},
                                                 adapters=[{"name": "sql", "uri": "pvc://a/sql"}]))
     assert flag(args, "--model") == "/data/qwen"
-    assert flag(args, "--adapter") == "sql=pvc://a/sql"
+    assert flag(args, "--adapter") == "sql=/pinned/a/sql"
+
+
+def test_pinned_adapters_pvcs_are_mounted_read_only_once_per_claim():
+    pinned = [{"name": "sql", "uri": "pvc://team.adapters/sql/v3"}, {"name": "chat", "uri": "pvc://team.adapters/chat"},
+              {"name": "local", "uri": "file:///opt/adapters/local"}]
+    deployment = builders.build_deployment("m", "ns", spec(adapters=pinned), CONFIG)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert [args[i + 1] for i, arg in enumerate(args) if arg == "--adapter"] == [
+        "sql=/pinned/team.adapters/sql/v3", "chat=/pinned/team.adapters/chat", "local=/opt/adapters/local"]
+    claims = [v for v in pod["volumes"] if v["name"].startswith("pinned-")]
+    assert claims == [{"name": "pinned-0", "persistentVolumeClaim": {"claimName": "team.adapters", "readOnly": True}}]
+    assert {"name": "pinned-0", "mountPath": "/pinned/team.adapters", "readOnly": True} in container["volumeMounts"]
+
+
+def test_worker_args_are_flags_of_the_real_flexllm_serve():
+    """The rendered args parse with the worker's own CLI parser, to the values the spec asks for."""
+    from flexllm.worker.cli import build_parser
+
+    rendered = builders.worker_args("smollm2", "team-a", spec(adapters=[{"name": "sql", "uri": "pvc://a/sql"}],
+                                                               slo={"ttftMs": 800, "tpotMs": 50.5}))
+    args = build_parser().parse_args(rendered)
+    assert args.command == "serve"
+    assert (args.model, args.dtype, args.service, args.adapter_dir, args.port) == (
+        "smollm2-135m", "auto", "team-a.smollm2", "/adapters", 8000)
+    assert args.redis_url == "$(FLEXLLM_REDIS_URL)"  # expanded by the kubelet from the container env
+    assert (args.max_tokens_per_batch, args.kv_cache_fraction, args.max_loras, args.max_lora_rank) == (
+        2048, 0.5, 4, 64)
+    assert (args.ttft_ms, args.tpot_ms, args.policy) == (800, 50.5, "coserve")
+    assert args.adapter == ["sql=/pinned/a/sql"]
 
 
 def test_deployment_requests_gpus_and_runs_non_root():

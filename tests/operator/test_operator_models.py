@@ -20,7 +20,8 @@ def example(name: str) -> dict:
 
 def test_examples_parse():
     job = FinetuneJobSpec.model_validate(example("finetunejob.yaml"))
-    assert (job.lora.rank, job.training.optimizer, job.training.max_steps) == (8, "adamw", 20)
+    assert (job.lora.rank, job.training.optimizer, job.training.epochs) == (8, "adamw", None)
+    assert job.training.max_steps == example("finetunejob.yaml")["training"]["maxSteps"]
     service = InferenceServiceSpec.model_validate(example("inferenceservice.yaml"))
     assert service.engine.max_lora_rank == 64
 

@@ -1,0 +1,307 @@
+"""End to end with a real worker: kubectl apply -> operator -> Deployment -> a real engine trains the job.
+
+The emulator has no scheduler or kubelet, so the worker Deployment the operator renders never runs a
+pod. The test stands in for the pod: it starts the Deployment's own container command (``flexllm``
+plus the rendered args) as a subprocess, with the container's env resolved the way the kubelet
+would (``$(VAR)`` in args, ``fieldRef`` metadata.name for POD_NAME, the Redis password from the
+Secret's value). The only substitutions are what a pod gets from its mounts and network: the
+adapter store (``/adapters``, the PVC) is a temporary folder and the port is a free local one. The
+model is real but tiny (``tiny_llama_dir``: a random two-layer Llama with the bundled tokenizer),
+named by the InferenceService as ``file://`` so the rendered ``--model`` needs no change. The
+subprocess runs the API and the co-serving engine loop against the same real Valkey as the
+operator; the Deployment's readyReplicas, which a kubelet would report, mirrors the worker's /readyz.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from flexllm.worker import protocol
+
+from .conftest import REDIS_PASSWORD, poll
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("operator_process")]
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "tiny"
+SERVICE_KEY = f"default.{NAME}"  # the worker's --service: <namespace>.<name>
+DATASET = REPO / "examples" / "data" / "tiny.jsonl"
+
+
+def apply(kubectl, folder: Path, manifest: dict[str, Any]) -> None:
+    path = folder / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    kubectl("apply", "--validate=false", "-f", str(path))
+
+
+def example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
+    """`kubectl get <kind>` as {name: {COLUMN: value}} (columns split at the header's offsets)."""
+    header, *rows = kubectl("get", kind).stdout.splitlines()
+    starts = [match.start() for match in re.finditer(r"\S+", header)]
+    names = header.split()
+
+    def cells(row: str) -> dict[str, str]:
+        bounds = zip(starts, starts[1:] + [None], strict=True)
+        return {name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)}
+
+    return {cells(row)["NAME"]: cells(row) for row in rows}
+
+
+def status_of(kubectl, kind: str, name: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", kind, name, "-o", "json").stdout).get("status", {})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pod_env(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's env as the kubelet resolves it (value, fieldRef metadata.name, secretKeyRef)."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[item["name"]] = pod_name
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"], ref["key"]]
+        else:
+            raise AssertionError(f"the test cannot resolve env {item}")
+    return env
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in container args."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
+def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    assert flag in args, f"the Deployment renders no {flag}"
+    at = args.index(flag)
+    return [*args[:at + 1], value, *args[at + 2:]]
+
+
+@dataclass
+class Replica:
+    """The worker process standing in for the Deployment's one pod."""
+
+    name: str
+    base_url: str
+    adapter_dir: Path
+    log: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def replica(kubectl, api_server, tiny_llama_dir, tmp_path_factory) -> Iterator[Replica]:
+    """Applies the InferenceService, waits for its Deployment, runs the Deployment's container command."""
+    folder = tmp_path_factory.mktemp("worker")
+    service = example("inferenceservice.yaml")
+    service["metadata"]["name"] = NAME
+    service["spec"]["model"] = {"uri": f"file://{tiny_llama_dir}", "dtype": "float32"}
+    service["spec"]["resources"] = {"gpus": 0}
+    service["spec"]["engine"].update(maxTokensPerBatch=256, kvCacheFraction=0.05)  # CPU: a small KV cache
+    apply(kubectl, folder, service)
+    deployment = poll(lambda: api_server.objects("deployments").get(f"{NAME}-worker"), what="Deployment")
+    poll(lambda: api_server.objects("services").get(NAME), what="Service")
+
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["flexllm"]
+    pod_name = f"{NAME}-worker-7d9f8-x2k4q"
+    env = pod_env(container, pod_name, {("flexllm-redis", "redis-password"): REDIS_PASSWORD})
+    env["HOME"] = str(folder / "home")  # the pod's /tmp emptyDir
+    args = [expand(arg, env) for arg in container["args"]]
+    assert args[0] == "serve" and args[args.index("--model") + 1] == str(tiny_llama_dir)
+    port = free_port()
+    args = replace_flag(args, "--adapter-dir", str(folder / "adapters"))  # the adapter PVC's mount
+    args = replace_flag(args, "--port", str(port))
+    args += ["--host", "127.0.0.1", "--max-finetune-tokens", "64", "--log-level", "info"]
+
+    log = folder / "worker.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "flexllm.worker.cli", *args], cwd=folder,
+                                   env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    running = Replica(pod_name, f"http://127.0.0.1:{port}", folder / "adapters", log, process)
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, f"the worker exited:\n{running.log_text()}"
+            try:
+                return httpx.get(f"{running.base_url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        poll(ready, timeout=120, interval=0.5, what="the worker's /readyz")
+        kubectl("patch", "deployment", f"{NAME}-worker", "--subresource=status", "--type=merge",
+                "-p", '{"status": {"replicas": 1, "readyReplicas": 1}}')  # the kubelet's report
+        yield running
+    finally:
+        stop_process_group(process)
+
+
+def finetunejob(name: str, max_steps: int, every_steps: int) -> dict[str, Any]:
+    job = example("finetunejob.yaml")
+    job["metadata"]["name"] = name
+    job["spec"]["inferenceService"] = NAME
+    job["spec"]["dataset"]["source"] = f"file://{DATASET}"
+    job["spec"]["lora"].update(rank=4, alpha=8)
+    job["spec"]["training"].update(maxSteps=max_steps, batchTokens=64, maxSeqLen=32, learningRate=0.01)
+    job["spec"]["publish"].update(everySteps=every_steps, keepVersions=3)
+    return job
+
+
+def reasons_of(api_server, name: str) -> set[str]:
+    """The reasons of the Events posted about one object (one per phase change for FinetuneJobs)."""
+    return {e["reason"] for e in api_server.objects("events").values() if e["involvedObject"]["name"] == name}
+
+
+class PhaseRecorder:
+    """Every phase a job's Redis progress hash goes through (None once deleted), polled every 20 ms."""
+
+    def __init__(self, client, job: str) -> None:
+        self.client, self.key = client, protocol.job_progress(SERVICE_KEY, job)
+        self.phases: list[str | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            phase = self.client.hget(self.key, "phase")
+            if not self.phases or self.phases[-1] != phase:
+                self.phases.append(phase)
+
+    def __enter__(self) -> PhaseRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_real_worker_trains_the_job_and_kubectl_shows_progress_loss_and_adapter(
+        kubectl, api_server, replica, redis_client, tmp_path):
+    service_row = table(kubectl, "inferenceservices.flexllm.ai")[NAME]
+    assert service_row["MODEL"].startswith("file://")
+    apply(kubectl, tmp_path, finetunejob("tiny-lora", max_steps=6, every_steps=2))
+
+    seen: list[dict[str, str]] = []
+
+    def finished() -> dict[str, str] | None:
+        row = table(kubectl, "finetunejobs").get("tiny-lora", {})
+        if row and (not seen or seen[-1] != row):
+            seen.append(row)
+        assert row.get("PHASE") != "Failed", f"{row}\n{replica.log_text()}"
+        return row if row.get("PHASE") == "Succeeded" and row.get("ADAPTER") == "tiny-lora@v3" else None
+
+    row = poll(finished, timeout=150, interval=0.3, what="the job to succeed with tiny-lora@v3")
+    assert row["SERVICE"] == NAME
+    assert row["PROGRESS"] == "6/6 (100%)"
+    assert float(row["LOSS"]) > 0
+    # Every row kubectl showed on the way (Queued, then Running rows unless the job outran the 0.5 s sync):
+    # the step never goes back and ADAPTER only ever names one of the job's versions.
+    steps = [int(r["PROGRESS"].split("/")[0]) for r in seen if r["PROGRESS"] not in ("", "<none>")]
+    assert steps == sorted(steps), seen
+    assert {r["PHASE"] for r in seen} <= {"Queued", "Running", "Succeeded"}, seen
+    assert {r["ADAPTER"] for r in seen} <= {"", "<none>", "tiny-lora@v1", "tiny-lora@v2", "tiny-lora@v3"}, seen
+
+    status = status_of(kubectl, "finetunejobs", "tiny-lora")
+    versions = status["adapter"]["versions"]
+    assert [(v["version"], v["step"]) for v in versions] == [("v1", 2), ("v2", 4), ("v3", 6)]
+    assert all(Path(v["uri"].removeprefix("file://")).is_relative_to(replica.adapter_dir) for v in versions)
+    assert status["progress"]["totalSteps"] == 6 and status["progress"]["tokensPerSecond"] > 0
+    assert status["startTime"] and status["completionTime"]
+    poll(lambda: {"Queued", "Succeeded"} <= reasons_of(api_server, "tiny-lora"), what="phase events")
+
+    # The InferenceService shows what the replica really serves (its own replica hash), and it answers.
+    served = json.loads(redis_client.hget(protocol.replica_state(SERVICE_KEY, replica.name), "adapters"))
+    assert "tiny-lora@v3" in served
+
+    def service_row_serving() -> dict[str, str] | None:
+        row = table(kubectl, "inferenceservices.flexllm.ai")[NAME]
+        return row if "tiny-lora@v3" in row["ADAPTERS"].split(",") else None
+
+    service_row = poll(service_row_serving, what="ADAPTERS with tiny-lora@v3")
+    assert service_row["READY"] == "1/1"
+    served = json.loads(redis_client.hget(protocol.replica_state(SERVICE_KEY, replica.name), "adapters"))
+    assert service_row["ADAPTERS"] == ",".join(sorted(served))
+    loaded = status_of(kubectl, "inferenceservices.flexllm.ai", NAME)["loadedAdapters"]
+    assert [(e["replica"], e["ready"], e["failed"]) for e in loaded] == [(replica.name, True, [])]
+    body = {"model": "tiny-lora@v3", "prompt": "What is 2 + 2?", "max_tokens": 3, "temperature": 0}
+    reply = httpx.post(f"{replica.base_url}/v1/completions", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == "tiny-lora@v3"
+
+
+def test_kubectl_delete_cancels_the_running_job_and_cleans_its_redis_state(
+        kubectl, api_server, replica, redis_client, tmp_path):
+    apply(kubectl, tmp_path, finetunejob("long-lora", max_steps=100_000, every_steps=100_000))
+
+    def running() -> dict[str, str] | None:
+        row = table(kubectl, "finetunejobs").get("long-lora", {})
+        return row if row.get("PHASE") == "Running" and re.fullmatch(r"[1-9]\d*/100000 \(0%\)",
+                                                                     row.get("PROGRESS", "")) else None
+
+    row = poll(running, timeout=60, interval=0.3, what="long-lora running with progress")
+    assert float(row["LOSS"]) > 0 and row["ETA"] not in ("", "<none>")
+    assert row["ADAPTER"] in ("", "<none>")  # nothing published yet
+    cancel_flag = protocol.job_cancel_flag(SERVICE_KEY, "long-lora")
+    with PhaseRecorder(redis_client, "long-lora") as recorder:
+        started = time.monotonic()
+        kubectl("delete", "finetunejob", "long-lora", "--timeout=30s")  # waits for the operator's finalizer
+        took = time.monotonic() - started
+    assert "long-lora" not in api_server.objects("finetunejobs")
+    # The engine stopped the job (Cancelled) before the operator cleaned up: then the hash is gone.
+    assert recorder.phases[-2:] == ["Cancelled", None], recorder.phases
+    assert took < 15
+    assert "job long-lora cancelled" in replica.log_text()
+    assert not redis_client.exists(protocol.job_progress(SERVICE_KEY, "long-lora"))
+    assert not redis_client.exists(protocol.job_versions(SERVICE_KEY, "long-lora"))
+    entries = redis_client.xrange(protocol.job_stream(SERVICE_KEY))
+    assert [json.loads(fields["data"])["name"] for _, fields in entries] == ["tiny-lora"]
+    pending = redis_client.xpending(protocol.job_stream(SERVICE_KEY), protocol.ENGINE_GROUP)
+    assert pending["pending"] == 0, "the worker still holds a job entry"
+    assert redis_client.get(cancel_flag) == "1" and redis_client.ttl(cancel_flag) > 0
+    assert {"Queued", "Running"} <= reasons_of(api_server, "long-lora")
+
+    # The replica keeps serving: the finished job's adapter is still there, and the base model answers.
+    body = {"model": "tiny-lora", "prompt": "Name a primary color.", "max_tokens": 2}
+    assert httpx.post(f"{replica.base_url}/v1/completions", json=body, timeout=30).status_code == 200
