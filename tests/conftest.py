@@ -1,7 +1,10 @@
-"""Shared test setup: small thread counts so the suite behaves on 2-core CI machines."""
+"""Shared test setup: offline Hugging Face, Triton interpreter, tiny checkpoints, 2-core friendly threads."""
 
 import os
 
+# Triton kernels run on CPU tensors through the interpreter. It is read when @triton.jit runs, so it
+# must be set before anything (transformers, peft, the kernels) imports a kernel module.
+os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
