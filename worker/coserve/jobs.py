@@ -36,9 +36,10 @@ class CoServingJobs:
     def accept(self, job: JobSubmission, spec: FinetuneJobSpec, entry_id: str) -> None:
         engine = self.coserve.engine
         try:
+            # Only a job taken over from a dead replica resumes: a new job of a reused name starts afresh.
             runner = FinetuneRunner(engine.model, engine.tokenizer, spec, self.publisher.store.root, job.name,
                                     base_model=str(engine.model_path), data_root=self.data_root,
-                                    publish=self._publisher(job.name, spec))
+                                    resume=job.reclaimed, publish=self._publisher(job.name, spec))
         except (ValueError, OSError) as error:  # bad dataset, bad adapter name: the job fails, not the worker
             self._end(job.name, entry_id, "Failed", str(error))
             return

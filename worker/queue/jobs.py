@@ -20,6 +20,7 @@ class JobSubmission:
     name: str
     namespace: str
     spec: dict[str, Any]
+    reclaimed: bool = False  # taken over from a dead replica: resume from its last version
 
     @classmethod
     def from_json(cls, data: str) -> JobSubmission:
@@ -58,11 +59,15 @@ class JobQueue:
                                              "0-0", count=count)
         reply = self.client.xreadgroup(protocol.ENGINE_GROUP, consumer, {self.stream: ">"}, count=count)
         claimed: list[tuple[str, JobSubmission | None]] = []
-        for entry_id, fields in [*stale, *(e for _, entries in reply or [] for e in entries)]:
+        fresh = [e for _, entries in reply or [] for e in entries]
+        for (entry_id, fields), reclaimed in [*((e, True) for e in stale), *((e, False) for e in fresh)]:
             try:
-                claimed.append((entry_id, JobSubmission.from_json(fields["data"])))
+                job = JobSubmission.from_json(fields["data"])
             except (KeyError, TypeError, ValueError):
-                claimed.append((entry_id, None))
+                job = None
+            else:
+                job.reclaimed = reclaimed
+            claimed.append((entry_id, job))
         return claimed
 
     def heartbeat(self, consumer: str, entry_ids: list[str]) -> None:
