@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from flexllm.worker.finetune.spec import FinetuneJobSpec as WorkerJobSpec
+
 
 class SpecModel(BaseModel):
     """camelCase in YAML, snake_case in Python; unknown fields are errors."""
@@ -64,46 +66,10 @@ class InferenceServiceSpec(SpecModel):
         return self
 
 
-class Dataset(SpecModel):
-    source: str = Field(min_length=1)
-    format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
+class FinetuneJobSpec(WorkerJobSpec):
+    """The worker's job spec (one definition of the fields and their checks) with the service required."""
 
-
-class LoraConfig(SpecModel):
-    rank: int = Field(default=8, ge=1, le=256)
-    alpha: float = Field(default=16, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default=["q_proj", "v_proj"], min_length=1)
-
-
-class Training(SpecModel):
-    max_steps: int | None = Field(default=None, ge=1)
-    epochs: float | None = Field(default=None, gt=0)
-    learning_rate: float = Field(default=2e-4, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    batch_tokens: int = Field(default=2048, ge=1)
-    gradient_accumulation: int = Field(default=1, ge=1)
-    max_seq_len: int = Field(default=512, ge=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_length(self) -> Training:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of training.maxSteps and training.epochs")
-        return self
-
-
-class Publish(SpecModel):
-    every_steps: int = Field(default=50, ge=1)
-    keep_versions: int = Field(default=5, ge=1)
-
-
-class FinetuneJobSpec(SpecModel):
     inference_service: str = Field(min_length=1)
-    dataset: Dataset
-    lora: LoraConfig = LoraConfig()
-    training: Training
-    publish: Publish = Publish()
 
     def check_fits(self, service: InferenceServiceSpec) -> None:
         """Fails early (instead of an OOM on the GPU) when the service cannot host this adapter."""

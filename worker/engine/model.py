@@ -14,10 +14,12 @@ from torch import nn
 
 from flexllm.kernels import lora_expand, lora_shrink, paged_attention, rms_norm, silu_and_mul
 from flexllm.worker.engine.context import LoRABatch, StepContext
+from flexllm.worker.engine.lora_targets import LORA_TARGETS
 
 # architecture name -> whether q/k/v projections carry a bias
+__all__ = ["LORA_TARGETS", "CausalLM", "LoRALinear", "ModelArgs", "SUPPORTED_ARCHITECTURES"]
+
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": None, "MistralForCausalLM": None, "Qwen2ForCausalLM": True}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

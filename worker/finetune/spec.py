@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from flexllm.worker.engine.model import LORA_TARGETS
+from flexllm.worker.engine.lora_targets import LORA_TARGETS
 
 
 class _Spec(BaseModel):
