@@ -2,23 +2,29 @@
 
 Measured, not estimated: every tensor autograd saves for backward passes through
 ``torch.autograd.graph.saved_tensors_hooks``; bytes of distinct storages are summed, frozen and
-LoRA parameters excluded. Variants at one sequence length:
+LoRA parameters excluded. Each (model, LoRA targets) configuration runs in its own subprocess.
+Variants at one sequence length (bf16 by default, as the paper's GPUs run):
 
-- ``hf_peft``: HF model + PEFT LoRA, full forward (what a Trainer keeps for backward), SDPA
-  attention (``hf_peft_eager``: eager attention, which keeps the [heads, T, T] probabilities);
-  ``hf_peft_gc``: the same with gradient checkpointing (forward-time saves only; its backward
-  additionally rebuilds one layer's graph over the whole sequence, not counted here);
-- ``pruned``: FlexLLM's pruned graph over the whole sequence in one chunk (no rematerialization);
-- ``flexllm``: token-level forward (no graph) + split backward: the layer-input checkpoints, the
-  sequence's K/V and dK/dV buffers, plus the largest graph any backward unit builds.
+- ``hf_peft``: the paper's baseline, HF model + PEFT LoRA with eager attention (autograd keeps the
+  fp32 attention probabilities and their bf16 copy, the fp32 upcasts of the RMS norms, the fp32
+  logits and log-softmax); ``hf_peft_sdpa``: the same with SDPA attention; ``hf_peft_gc``: SDPA
+  with gradient checkpointing (forward-time saves only; its backward rebuilds one layer's graph
+  over the whole sequence, not counted);
+- ``pruned``: FlexLLM's pruned graph over the whole sequence in one chunk: with frozen base weights
+  only what the backward needs (LoRA inputs, norm inputs, q/k/v/out/lse of attention, gate/up of
+  the MLP, logits of loss tokens); no rematerialization;
+- ``flexllm``: token-level forward (no graph) + split backward with rematerialization: the layer
+  inputs, the sequence's K/V and dK/dV buffers, plus the largest graph any backward unit builds.
 
-Run: ``python benchmarks/memory.py`` (about 5 minutes on 2 CPU cores; ``--quick`` for a smoke run).
+Run: ``python benchmarks/memory.py`` (about 10 minutes on 2 CPU cores; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -29,9 +35,14 @@ from flexllm.worker.finetune.data import TrainingSequence
 from flexllm.worker.finetune.layer import ChunkInput, decoder_layer, loss_sum
 from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.spec import LoraSpec
-from flexllm.worker.finetune.work import SequenceWork
+from flexllm.worker.finetune.work import BatchWork
 
 RESULTS = Path(__file__).parent / "results"
+TARGETS = {
+    "qv": ("q_proj", "v_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class SavedBytes:
@@ -64,6 +75,7 @@ def _pointers(*modules) -> set[int]:
 
 
 def hf_peft_bytes(hf_model, spec: LoraSpec, ids: torch.Tensor, checkpointing: bool, attention: str) -> int:
+    """Saved bytes of one HF PEFT training forward with labels (what a Trainer keeps for backward)."""
     from peft import LoraConfig, get_peft_model
 
     hf_model.set_attn_implementation(attention)
@@ -87,7 +99,7 @@ def pruned_bytes(model: CausalLM, lora: LoRAWeights, ids: torch.Tensor) -> int:
     """One autograd graph over the whole sequence, built from FlexLLM's pruned functions."""
     args, n = model.args, ids.shape[0]
     cos, sin = model.rotary.cos_sin(torch.arange(n), model.embed_tokens.weight.dtype)
-    chunk = ChunkInput(0, cos, sin, None)
+    chunk = ChunkInput(cos, sin, [(0, 0, n)], None)
     empty = model.embed_tokens.weight.new_zeros(0, args.num_kv_heads, args.head_dim)
     with SavedBytes(_pointers(model, lora)) as saved:
         x = model.embed_tokens(ids)
@@ -98,26 +110,26 @@ def pruned_bytes(model: CausalLM, lora: LoRAWeights, ids: torch.Tensor) -> int:
 
 
 def flexllm_bytes(model: CausalLM, lora: LoRAWeights, ids: torch.Tensor, window: int, budget: int):
-    """-> (bytes kept across the sequence's work: checkpoints, K/V, dK/dV; largest unit graph).
+    """-> (bytes kept across the sequence's work: layer inputs, K/V, dK/dV; largest unit graph).
 
-    Backward windows of ``window`` tokens, cut into layer blocks costing at most ``budget`` tokens.
+    Forward units of ``window`` tokens; backward units costing at most ``budget`` tokens (spans of
+    ``window`` tokens cut into layer blocks).
     """
     seq = TrainingSequence(tuple(ids.tolist()), (True,) * ids.shape[0], 1)
-    work = SequenceWork(model, lora, seq, 1.0 / seq.num_targets, backward_window=window)
-    while not work.forward_done:
-        work.forward_chunk(window)
+    work = BatchWork(model, lora, [seq], 1.0 / seq.num_targets, window=window)
     buffers = (work.checkpoints, work.k, work.v, work.dk, work.dv)
     kept = sum(t.untyped_storage().nbytes() for t in buffers)
     exclude = _pointers(model, lora) | {t.untyped_storage().data_ptr() for t in buffers}
     largest = 0
     while not work.finished:
         with SavedBytes(exclude) as saved:
-            work.backward_unit(budget)
+            work.unit(budget if work.next_is_backward else window)
         largest = max(largest, saved.total)
     return kept, largest
 
 
 def llama8b_shaped(num_layers: int, vocab: int):
+    """Llama-3.1-8B's layer shapes with ``num_layers`` layers and a ``vocab``-token vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -132,103 +144,113 @@ def llama8b_shaped(num_layers: int, vocab: int):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
+    hf = LlamaForCausalLM(config).eval()  # in the default dtype (set by the caller)
     model = CausalLM(ModelArgs.from_hf_config(config), config)
     model.load_hf_state_dict(hf.state_dict())
     return model.requires_grad_(False).eval(), hf
 
 
-def bundled():
+def bundled(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model, _, _, path = build_model("smollm2-135m", torch.float32, torch.device("cpu"))
-    return model, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, _, _, path = build_model("smollm2-135m", dtype, torch.device("cpu"))
+    return model, AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def measure(name: str, model: CausalLM, hf, spec: LoraSpec, seq_len: int, window: int, budget: int) -> dict:
+def measure(args: argparse.Namespace) -> dict:
+    """One configuration (``args.model``, ``args.targets``), all variants."""
+    dtype = DTYPES[args.dtype]
+    torch.set_default_dtype(dtype)
+    eight_b = args.model == "llama-3.1-8b-shaped"
+    model, hf = llama8b_shaped(args.layers_8b, args.vocab_8b) if eight_b else bundled(dtype)
+    spec = LoraSpec(rank=16, alpha=32, target_modules=TARGETS[args.targets])
+    seq_len = args.seq_len
     ids = torch.randint(100, model.args.vocab_size, (seq_len,), generator=torch.Generator().manual_seed(0))
     lora = LoRAWeights(model, spec, seed=0)
-    hf_bytes = hf_peft_bytes(hf, spec, ids, checkpointing=False, attention="sdpa")
     hf_eager = hf_peft_bytes(hf, spec, ids, checkpointing=False, attention="eager")
+    hf_sdpa = hf_peft_bytes(hf, spec, ids, checkpointing=False, attention="sdpa")
     hf_gc = hf_peft_bytes(hf, spec, ids, checkpointing=True, attention="sdpa")
+    del hf
     pruned = pruned_bytes(model, lora, ids)
-    kept, unit = flexllm_bytes(model, lora, ids, window, budget)
+    kept, unit = flexllm_bytes(model, lora, ids, args.window, args.budget)
     flex = kept + unit
     return {
-        "model": name,
+        "model": f"{args.model}-{args.layers_8b}L" if eight_b else args.model,
+        "vocab": model.args.vocab_size,
         "seq_len": seq_len,
         "layers": model.args.num_layers,
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "baseline": "HF transformers + PEFT, eager attention, one training forward with labels",
         "target_modules": list(spec.target_modules),
         "rank": spec.rank,
-        "backward_window": window,
-        "backward_budget": budget,
-        "hf_peft_bytes_per_token": hf_bytes / seq_len,
+        "backward_window": args.window,
+        "backward_budget": args.budget,
+        "hf_peft_bytes_per_token": hf_eager / seq_len,
+        "hf_peft_sdpa_bytes_per_token": hf_sdpa / seq_len,
         "hf_peft_gc_bytes_per_token": hf_gc / seq_len,
         "pruned_bytes_per_token": pruned / seq_len,
         "flexllm_bytes_per_token": flex / seq_len,
         "flexllm_kept_bytes_per_token": kept / seq_len,
         "flexllm_unit_bytes_per_token": unit / seq_len,
-        "hf_peft_eager_bytes_per_token": hf_eager / seq_len,
-        "pruning_reduction_vs_hf_peft": 1 - pruned / hf_bytes,
-        "reduction_vs_hf_peft": 1 - flex / hf_bytes,
-        "pruning_reduction_vs_hf_peft_eager": 1 - pruned / hf_eager,
-        "reduction_vs_hf_peft_eager": 1 - flex / hf_eager,
+        "pruned_reduction_vs_hf_peft": 1 - pruned / hf_eager,
+        "reduction_vs_hf_peft": 1 - flex / hf_eager,
+        "pruned_reduction_vs_hf_peft_sdpa": 1 - pruned / hf_sdpa,
+        "reduction_vs_hf_peft_sdpa": 1 - flex / hf_sdpa,
     }
+
+
+def run_isolated(args: argparse.Namespace, model: str, targets: str) -> dict:
+    """``measure`` in a fresh interpreter, so each configuration's memory is freed after it."""
+    skip = ("quick", "one", "model", "targets")
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
+    out = subprocess.run(
+        [sys.executable, __file__, *options, f"--model={model}", f"--targets={targets}", "--one"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ("hf_peft", "hf_peft_sdpa", "hf_peft_gc", "pruned", "flexllm")
+    print(
+        f"{'model':28} {'targets':7} {'HF eager':>9} {'HF sdpa':>9} {'HF+GC':>9} {'pruned':>9} {'FlexLLM':>9}"
+        f" {'prune%':>7} {'total%':>7}   (KiB saved per token; % saved vs HF PEFT eager)"
+    )
+    for r in rows:
+        kib = " ".join(f"{r[c + '_bytes_per_token'] / 1024:9.1f}" for c in columns)
+        print(
+            f"{r['model']:28} {len(r['target_modules']):7d} {kib}"
+            f" {100 * r['pruned_reduction_vs_hf_peft']:6.1f}% {100 * r['reduction_vs_hf_peft']:6.1f}%"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--window", type=int, default=64, help="backward token window")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--window", type=int, default=64, help="token span of forward and backward units")
     parser.add_argument("--budget", type=int, default=16, help="token budget of one backward unit")
-    parser.add_argument("--layers-8b", type=int, default=2)
-    parser.add_argument(
-        "--vocab-8b", type=int, default=32000, help="smaller than Llama-3's 128256 to fit RAM"
-    )
+    parser.add_argument("--layers-8b", type=int, default=4)
+    parser.add_argument("--vocab-8b", type=int, default=32000, help="smaller than Llama-3's 128256 to fit RAM")
     parser.add_argument("--quick", action="store_true", help="bundled model, 128 tokens only")
+    parser.add_argument("--model", default="smollm2-135m", help="with --one: the configuration to measure")
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="qv")
+    parser.add_argument("--one", action="store_true", help="measure one configuration, print its JSON")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    seq_len = 128 if args.quick else args.seq_len
-    rows = []
-    for targets in (
-        ("q_proj", "v_proj"),
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    ):
-        spec = LoraSpec(rank=16, alpha=32, target_modules=targets)
-        rows.append(measure("smollm2-135m", *bundled(), spec, seq_len, args.window, args.budget))
-        if not args.quick:
-            model, hf = llama8b_shaped(args.layers_8b, args.vocab_8b)
-            rows.append(
-                measure(
-                    f"llama-3.1-8b-shaped-{args.layers_8b}L",
-                    model,
-                    hf,
-                    spec,
-                    seq_len,
-                    args.window,
-                    args.budget,
-                )
-            )
-            del model, hf
-    print(
-        f"{'model':30} {'targets':8} {'HF PEFT':>10} {'HF eager':>10} {'HF+GC':>10} {'pruned':>10}"
-        f" {'FlexLLM':>10} {'prune%':>7} {'total%':>7}   (KiB saved per token; % vs HF PEFT sdpa)"
-    )
-    columns = ("hf_peft", "hf_peft_eager", "hf_peft_gc", "pruned", "flexllm")
-    for r in rows:
-        kib = " ".join(f"{r[c + '_bytes_per_token'] / 1024:10.1f}" for c in columns)
-        print(
-            f"{r['model']:30} {len(r['target_modules']):8d} {kib}"
-            f" {100 * r['pruning_reduction_vs_hf_peft']:6.1f}% {100 * r['reduction_vs_hf_peft']:6.1f}%"
-        )
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.one:
+        print(json.dumps(measure(args)))
+        return
+    if args.quick:
+        args.seq_len = 128
+    models = ["smollm2-135m"] if args.quick else ["smollm2-135m", "llama-3.1-8b-shaped"]
+    rows = [run_isolated(args, model, targets) for model in models for targets in TARGETS]
+    print_table(rows)
+    headline = next(r for r in rows if r["model"].startswith(models[-1]) and len(r["target_modules"]) == 2)
     RESULTS.mkdir(exist_ok=True)
-    headline = (
-        next(r for r in rows if r["model"].startswith("llama") and len(r["target_modules"]) == 2)
-        if not args.quick
-        else rows[0]
-    )
-    (RESULTS / "memory.json").write_text(json.dumps({**headline, "runs": rows}, indent=2))
+    (RESULTS / "memory.json").write_text(json.dumps({**headline, "runs": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

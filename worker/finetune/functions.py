@@ -48,67 +48,77 @@ class SiluMulFn(torch.autograd.Function):
         return torch.cat((d_gate, dy * silu), dim=-1)
 
 
-def _expand_kv(kv: torch.Tensor, groups: int) -> torch.Tensor:
-    """[L, H_kv, D] -> [H_q, L, D] (query head h reads kv head h // groups)."""
-    return kv.transpose(0, 1).repeat_interleave(groups, dim=0)
+Run = tuple[int, int, int]  # one sequence's queries in a chunk: (first key, first query, query end)
 
 
-def _fold_kv(grad: torch.Tensor, groups: int) -> torch.Tensor:
-    """[H_q, L, D] -> [L, H_kv, D], summing the query heads of each kv head."""
-    h_q, length, d = grad.shape
-    return grad.view(h_q // groups, groups, length, d).sum(1).transpose(0, 1)
-
-
-def _mask(segments: torch.Tensor, past: int) -> torch.Tensor:
-    """[n, p+n] True where query i (key index p+i) may attend key j: same sequence, j <= p+i."""
-    keys = torch.arange(segments.shape[0], device=segments.device)
-    causal = keys[None, :] <= keys[past:, None]
-    return causal & (segments[None, :] == segments[past:, None])
+def _causal(rows: int, cols: int, offset: int, device: torch.device) -> torch.Tensor:
+    """[rows, cols] True where query r may attend key j: j <= offset + r."""
+    return torch.arange(cols, device=device)[None, :] <= torch.arange(offset, offset + rows, device=device)[:, None]
 
 
 class ChunkAttentionFn(torch.autograd.Function):
     """Causal attention of a packed chunk's queries over earlier K/V plus its own, per sequence.
 
     q [n, H_q, D]; k_past, v_past [p, H_kv, D] (views of the stream's K/V storage, starting at the
-    first token of the chunk's first sequence); k, v [n, H_kv, D]; segments [p+n] the sequence id
-    of each key (a query sees only keys of its own sequence). Saves q, k, v, the past views,
-    segments, out and the row log-sum-exp [H_q, n]; backward recomputes the probabilities
-    (flash-attention style) and returns dK/dV of the past positions too, which the caller
-    accumulates for the earlier chunks.
+    first token of the chunk's first sequence); k, v [n, H_kv, D]. ``runs``: per sequence in the
+    chunk, (first key, first query, query end) in key coordinates (0 = first past key); each run's
+    queries attend causally to its own keys only, so no work is spent across sequences. Query head
+    h reads kv head h // (H_q / H_kv). Saves q, k, v, the past views, out and the row log-sum-exp;
+    backward recomputes the probabilities (flash-attention style) and returns dK/dV of the past
+    positions too, which the caller accumulates for the earlier chunks.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, k_past, v_past, segments, scale: float):
-        groups = q.shape[1] // k.shape[1]
-        keys = _expand_kv(torch.cat((k_past, k)), groups)  # [H_q, p+n, D]
-        values = _expand_kv(torch.cat((v_past, v)), groups)
-        scores = torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).float() * scale  # [H_q, n, p+n]
-        scores = scores.masked_fill(~_mask(segments, k_past.shape[0]), float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [H_q, n]
-        probs = torch.exp(scores - lse[..., None]).to(q.dtype)
-        out = torch.matmul(probs, values).transpose(0, 1).contiguous()  # [n, H_q, D]
-        ctx.save_for_backward(q, k, v, k_past, v_past, segments, out, lse)
-        ctx.scale, ctx.groups = scale, groups
+    def forward(ctx, q, k, v, k_past, v_past, runs: list[Run], scale: float):
+        n, h_q, d = q.shape
+        h_kv, past = k.shape[1], k_past.shape[0]
+        groups = h_q // h_kv
+        keys = torch.cat((k_past, k)).transpose(0, 1)  # [H_kv, p+n, D]
+        values = torch.cat((v_past, v)).transpose(0, 1)
+        qg = q.view(n, h_kv, groups, d).permute(1, 2, 0, 3)  # [H_kv, g, n, D]
+        out = q.new_empty(h_kv, groups, n, d)
+        lse = q.new_empty(h_kv, groups, n, dtype=torch.float32)
+        for ks, qs, qe in runs:
+            rows = slice(qs - past, qe - past)
+            m = qe - qs
+            scores = torch.matmul(qg[:, :, rows].reshape(h_kv, groups * m, d), keys[:, ks:qe].transpose(1, 2))
+            scores = (scores.float() * scale).view(h_kv, groups, m, qe - ks)
+            scores.masked_fill_(~_causal(m, qe - ks, qs - ks, q.device), float("-inf"))
+            lse[:, :, rows] = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[:, :, rows, None]).to(q.dtype).view(h_kv, groups * m, qe - ks)
+            out[:, :, rows] = torch.matmul(probs, values[:, ks:qe]).view(h_kv, groups, m, d)
+        out = out.permute(2, 0, 1, 3).reshape(n, h_q, d)  # [n, H_q, D]
+        ctx.save_for_backward(q, k, v, k_past, v_past, out, lse)
+        ctx.runs, ctx.scale = runs, scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, k_past, v_past, segments, out, lse = ctx.saved_tensors
-        scale, groups, past = ctx.scale, ctx.groups, k_past.shape[0]
-        keys = _expand_kv(torch.cat((k_past, k)), groups)  # [H_q, p+n, D]
-        values = _expand_kv(torch.cat((v_past, v)), groups)
-        qt, dot = q.transpose(0, 1), d_out.transpose(0, 1)  # [H_q, n, D]
-        scores = torch.matmul(qt, keys.transpose(1, 2)).float() * scale
-        scores = scores.masked_fill(~_mask(segments, past), float("-inf"))
-        probs = torch.exp(scores - lse[..., None])  # [H_q, n, p+n]
-        d_values = torch.matmul(probs.to(q.dtype).transpose(1, 2), dot)  # [H_q, p+n, D]
-        d_probs = torch.matmul(dot, values.transpose(1, 2)).float()
-        delta = (dot.float() * out.transpose(0, 1).float()).sum(-1, keepdim=True)  # [H_q, n, 1]
-        d_scores = (probs * (d_probs - delta) * scale).to(q.dtype)
-        dq = torch.matmul(d_scores, keys).transpose(0, 1)  # [n, H_q, D]
-        dk_all = _fold_kv(torch.matmul(d_scores.transpose(1, 2), qt), groups)  # [p+n, H_kv, D]
-        dv_all = _fold_kv(d_values, groups)
-        return dq, dk_all[past:], dv_all[past:], dk_all[:past], dv_all[:past], None, None
+        q, k, v, k_past, v_past, out, lse = ctx.saved_tensors
+        n, h_q, d = q.shape
+        h_kv, past = k.shape[1], k_past.shape[0]
+        groups = h_q // h_kv
+        keys = torch.cat((k_past, k)).transpose(0, 1)  # [H_kv, p+n, D]
+        values = torch.cat((v_past, v)).transpose(0, 1)
+        qg, dog, og = (t.view(n, h_kv, groups, d).permute(1, 2, 0, 3) for t in (q, d_out, out))  # [H_kv, g, n, D]
+        dq = torch.zeros_like(qg)
+        dk, dv = torch.zeros_like(keys), torch.zeros_like(values)  # [H_kv, p+n, D]
+        for ks, qs, qe in ctx.runs:
+            rows, m, width = slice(qs - past, qe - past), qe - qs, qe - ks
+            q_r, do_r, o_r = (t[:, :, rows].reshape(h_kv, groups * m, d) for t in (qg, dog, og))
+            k_r, v_r = keys[:, ks:qe], values[:, ks:qe]
+            scores = (torch.matmul(q_r, k_r.transpose(1, 2)).float() * ctx.scale).view(h_kv, groups, m, width)
+            scores.masked_fill_(~_causal(m, width, qs - ks, q.device), float("-inf"))
+            probs = torch.exp(scores - lse[:, :, rows, None]).view(h_kv, groups * m, width)  # fp32
+            dv[:, ks:qe] = torch.matmul(probs.to(q.dtype).transpose(1, 2), do_r)
+            d_probs = torch.matmul(do_r, v_r.transpose(1, 2)).float()
+            delta = (do_r.float() * o_r.float()).sum(-1, keepdim=True)  # [H_kv, g m, 1]
+            d_scores = (probs * (d_probs - delta) * ctx.scale).to(q.dtype)
+            dq[:, :, rows] = torch.matmul(d_scores, k_r).view(h_kv, groups, m, d)
+            dk[:, ks:qe] = torch.matmul(d_scores.transpose(1, 2), q_r)
+        dq = dq.permute(2, 0, 1, 3).reshape(n, h_q, d)
+        dk, dv = dk.transpose(0, 1), dv.transpose(0, 1)  # [p+n, H_kv, D]
+        return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,5 +129,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return SiluMulFn.apply(gate_up)
 
 
-def chunk_attention(q, k, v, k_past, v_past, segments: torch.Tensor, scale: float) -> torch.Tensor:
-    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, segments, scale)
+def chunk_attention(q, k, v, k_past, v_past, runs: list[Run], scale: float) -> torch.Tensor:
+    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, runs, scale)

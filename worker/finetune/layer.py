@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
-from flexllm.worker.finetune.functions import chunk_attention, rms_norm, silu_mul
+from flexllm.worker.finetune.functions import Run, chunk_attention, rms_norm, silu_mul
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
 _MASK32 = 0xFFFFFFFF
@@ -48,11 +48,11 @@ class Dropout:
 
 @dataclass
 class ChunkInput:
-    """A chunk's rotary tables, its keys' sequence ids (block-diagonal attention) and dropout."""
+    """A chunk's rotary tables, its sequences' attention runs (block-diagonal attention), dropout."""
 
     cos: torch.Tensor  # [n, 1, D/2]
     sin: torch.Tensor
-    segments: torch.Tensor  # [p+n]: sequence id of each key (the chunk's p past keys, then its own)
+    runs: list[Run]  # per sequence: (first key, first query, query end), 0 = the first past key
     dropout: Dropout | None
 
 
@@ -98,7 +98,7 @@ def decoder_layer(
     q = apply_rotary(q.view(n, args.num_heads, args.head_dim), chunk.cos, chunk.sin)
     k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
     v = v.view(n, args.num_kv_heads, args.head_dim)
-    o = chunk_attention(q, k, v, k_past, v_past, chunk.segments, attn.scale).reshape(n, -1)
+    o = chunk_attention(q, k, v, k_past, v_past, chunk.runs, attn.scale).reshape(n, -1)
     x = x + project(attn.o_proj, o, lora, layer, chunk)
     h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
     gate_up = project(mlp.gate_up_proj, h, lora, layer, chunk)

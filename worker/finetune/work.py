@@ -26,6 +26,8 @@ first (forward) or last (backward) b L tokens go on alone, so no unit costs more
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Literal
 
@@ -41,15 +43,13 @@ DEFAULT_WINDOW = 256  # tokens of a chunk or window run in layer blocks when the
 
 def _packed(seqs: list[TrainingSequence], keys: list[int]) -> dict[str, list[int]]:
     """Per-token columns of the packed stream (``targets``: the token position t predicts)."""
-    cols: dict[str, list[int]] = {k: [] for k in ("ids", "targets", "positions", "segments", "starts", "keys")}
-    for index, (seq, key) in enumerate(zip(seqs, keys, strict=True)):
-        n, start = len(seq), len(cols["ids"])
+    cols: dict[str, list[int]] = {k: [] for k in ("ids", "targets", "positions", "keys")}
+    for seq, key in zip(seqs, keys, strict=True):
+        n = len(seq)
         cols["ids"] += seq.token_ids
         cols["targets"] += [t if m else -100 for t, m in zip(seq.token_ids[1:], seq.is_target[1:], strict=True)]
         cols["targets"].append(-100)
         cols["positions"] += range(n)
-        cols["segments"] += [index] * n
-        cols["starts"] += [start] * n
         cols["keys"] += [key] * n
     return cols
 
@@ -77,8 +77,8 @@ class BatchWork:
         device = weight.device
         cols = {k: torch.tensor(v, device=device) for k, v in _packed(seqs, dropout_keys or [0] * len(seqs)).items()}
         self.token_ids, self.targets = cols["ids"], cols["targets"]  # [T]
-        self.positions, self.segments, self.keys = cols["positions"], cols["segments"], cols["keys"]
-        self.seq_starts = cols["starts"].tolist()  # [T]: stream index of the token's sequence start
+        self.positions, self.keys = cols["positions"], cols["keys"]
+        self.bounds = list(itertools.accumulate((len(s) for s in seqs), initial=0))  # sequence i: [b_i, b_i+1)
         self.num_layers, self.length = args.num_layers, self.token_ids.shape[0]
         self.checkpoints = weight.new_empty(self.num_layers, self.length, args.hidden_size)
         kv_shape = (self.num_layers, self.length, args.num_kv_heads, args.head_dim)
@@ -123,12 +123,17 @@ class BatchWork:
 
     def _chunk(self, start: int, end: int) -> tuple[ChunkInput, int]:
         """The chunk's inputs and ``lo``, the stream index of its first sequence's first token."""
-        lo = self.seq_starts[start]
         cos, sin = self.model.rotary.cos_sin(self.positions[start:end], self.checkpoints.dtype)
         dropout = None
         if self.dropout:
             dropout = Dropout(self.dropout, self.keys[start:end], self.positions[start:end])
-        return ChunkInput(cos, sin, self.segments[lo:end], dropout), lo
+        first = bisect.bisect_right(self.bounds, start) - 1
+        lo, runs = self.bounds[first], []
+        for s0, s1 in itertools.pairwise(self.bounds[first:]):
+            if s0 >= end:
+                break
+            runs.append((s0 - lo, max(s0, start) - lo, min(s1, end) - lo))
+        return ChunkInput(cos, sin, runs, dropout), lo
 
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
