@@ -89,14 +89,14 @@ def test_units_span_sequences_and_fill_the_budget(tiny_llama_dir):
     model, _ = engine_model(tiny_llama_dir)
     lora = random_lora(model, SPEC)
     (seqs,) = sequences(model.args.vocab_size, [[6] * 12])
-    work = BatchWork(model, lora, seqs, 1.0, window=16)
-    assert work.unit(32) == (32, "forward")  # 32 tokens of 6 sequences through both layers
+    work = BatchWork(model, lora, seqs, 1.0, window=32)  # groups of 5, 5 and 2 whole sequences
+    assert work.unit(32) == (30, "backward")  # 5 sequences forward and backward in one unit
     assert work.unit(1) == (1, "forward")  # a 1-token budget: one layer of a 2-token span
     assert work.unit(5) == (1, "forward")  # that span's other layer
-    assert work.forward_pos == 34
+    assert work.forward_pos == 32
     assert work.unit(4) == (4, "forward")  # one layer of an 8-token span
     assert work.unit(1) == (1, "forward")  # a smaller budget splits it: its first 2 tokens go on
-    assert work.forward_pos == 36
+    assert work.forward_pos == 34
 
 
 def test_dropout_gradients_do_not_depend_on_cutting(tiny_llama_dir):

@@ -121,8 +121,31 @@ class ChunkAttentionFn(torch.autograd.Function):
         return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None
 
 
+class CrossEntropySumFn(torch.autograd.Function):
+    """Summed cross-entropy of fp32 logits [m, V] made by upcasting ``dtype`` values (the LM head's
+    output) against targets [m]. Saves the logits back in ``dtype`` (lossless) and the row
+    log-sum-exp [m], not an fp32 log-softmax [m, V]."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)  # [m]
+        ctx.save_for_backward(logits.to(dtype), targets, lse)
+        return (lse - logits.gather(1, targets[:, None])[:, 0]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        d_logits = torch.exp(logits.float() - lse[:, None])  # softmax [m, V]
+        d_logits[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+        return d_logits * grad, None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return RMSNormFn.apply(x, weight, eps)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return CrossEntropySumFn.apply(logits, targets, dtype)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

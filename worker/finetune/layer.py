@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
-from flexllm.worker.finetune.functions import Run, chunk_attention, rms_norm, silu_mul
+from flexllm.worker.finetune.functions import Run, chunk_attention, cross_entropy_sum, rms_norm, silu_mul
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
 _MASK32 = 0xFFFFFFFF
@@ -112,5 +112,4 @@ def loss_sum(model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> torch.T
     """
     rows = targets != -100
     h = rms_norm(x[rows], model.norm, model.args.rms_norm_eps)
-    logits = model.compute_logits(h)  # [m, V] fp32
-    return F.cross_entropy(logits, targets[rows], reduction="sum")
+    return cross_entropy_sum(model.compute_logits(h), targets[rows], x.dtype)  # logits [m, V] fp32

@@ -84,35 +84,58 @@ class BatchWork:
         kv_shape = (self.num_layers, self.length, args.num_kv_heads, args.head_dim)
         self.k, self.v = weight.new_empty(kv_shape), weight.new_empty(kv_shape)
         self.dk, self.dv = weight.new_zeros(kv_shape), weight.new_zeros(kv_shape)
-        self.forward_pos = 0  # tokens through every layer
-        self.window_end = self.length  # backward: tokens below this are in no window yet
+        # the group of whole sequences in progress: forward, then backward, then the next group
+        self.group_start = self.group_end = 0
+        self.forward_pos = 0  # tokens of the group through every layer (from group_start)
+        self.window_end = 0  # backward: tokens of the group below this are in no window yet
         # forward pieces in progress, left to right: (start, end, next layer)
         self._ahead: list[tuple[int, int, int]] = []
         # backward pieces in progress, right to left: (start, end, top layer, gradient at the top [w, H])
         self._behind: list[tuple[int, int, int, torch.Tensor | None]] = []
         self.loss_sum = 0.0  # unscaled summed cross-entropy
+        self._next_group()
 
     @property
     def forward_done(self) -> bool:
-        return self.forward_pos == self.length
+        """The current group's forward is done."""
+        return self.forward_pos == self.group_end
 
     @property
     def finished(self) -> bool:
-        return self.window_end == 0 and not self._behind
+        return self.group_end == self.length and self.window_end == self.group_start and not self._behind
 
     @property
     def next_is_backward(self) -> bool:
         """Backward work comes next (a budget too small for the tail unit gets a forward unit)."""
-        return self.forward_done or (not self._ahead and self.length - self.forward_pos <= self.window)
+        return self.forward_done or (not self._ahead and self.group_end - self.forward_pos <= self.window)
 
     def unit(self, budget: int) -> tuple[int, Literal["forward", "backward"]]:
         """One unit costing at most ``budget`` tokens."""
         if self.forward_done:
-            return self._backward_unit(budget), "backward"
-        tail = self.length - self.forward_pos
-        if not self._ahead and tail <= min(budget, self.window):
-            return self._tail_unit(), "backward"
-        return self._forward_unit(budget), "forward"
+            result = self._backward_unit(budget), "backward"
+        elif not self._ahead and self.group_end - self.forward_pos <= min(budget, self.window):
+            result = self._tail_unit(), "backward"
+        else:
+            result = self._forward_unit(budget), "forward"
+        if self.window_end == self.group_start and not self._behind and self.group_end < self.length:
+            self._next_group()
+        return result
+
+    def _next_group(self) -> None:
+        """Start the next run of whole sequences of up to ``window`` tokens (at least one sequence).
+
+        No token attends across a sequence boundary, so groups are independent: a group that fits
+        the budget is one tail unit, with no no-grad forward and no rematerialization.
+        """
+        start = self.group_end
+        first = self.bounds.index(start)
+        end = self.bounds[first + 1]
+        for bound in self.bounds[first + 2 :]:
+            if bound - start > self.window:
+                break
+            end = bound
+        self.group_start = self.forward_pos = start
+        self.group_end = self.window_end = end
 
     # -- sizes -------------------------------------------------------------------------------
     def _span(self, budget: int, available: int) -> int:
@@ -139,7 +162,7 @@ class BatchWork:
     @torch.no_grad()
     def _forward_unit(self, budget: int) -> int:
         if not self._ahead:  # a new chunk; it stops short of a window-sized tail for the tail unit
-            start, left = self.forward_pos, self.length - self.forward_pos
+            start, left = self.forward_pos, self.group_end - self.forward_pos
             width = self._span(budget, left)
             end = start + (min(width, left - self.window) if left > self.window else width)
             self.checkpoints[0, start:end] = self.model.embed_tokens(self.token_ids[start:end])
@@ -167,17 +190,17 @@ class BatchWork:
 
     # -- backward ----------------------------------------------------------------------------
     def _tail_unit(self) -> int:
-        """Forward the rest of the stream with the graph, all layers, and backpropagate it."""
-        start = self.forward_pos
+        """Forward the rest of the group with the graph, all layers, and backpropagate it."""
+        start, end = self.forward_pos, self.group_end
         with torch.no_grad():
-            x_in = self.model.embed_tokens(self.token_ids[start:])
-        self.forward_pos, self.window_end = self.length, start
-        self._backward_layers(start, self.length, 0, self.num_layers, x_in, None)
-        return self.length - start
+            x_in = self.model.embed_tokens(self.token_ids[start:end])
+        self.forward_pos, self.window_end = end, start
+        self._backward_layers(start, end, 0, self.num_layers, x_in, None)
+        return end - start
 
     def _backward_unit(self, budget: int) -> int:
         if not self._behind:  # a new window
-            width = self._span(budget, self.window_end)
+            width = self._span(budget, self.window_end - self.group_start)
             self.window_end -= width
             self._behind = [(self.window_end, self.window_end + width, self.num_layers, None)]
         start, end, top, grad = self._behind.pop(0)
