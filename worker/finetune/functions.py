@@ -42,10 +42,8 @@ class SiluMulFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = dy * up * sig * (1 + gate * (1 - sig))
-        return torch.cat((d_gate, dy * silu), dim=-1)
+        d_gate = torch.ops.aten.silu_backward(dy * up, gate)  # fused silu'(gate) * dy * up
+        return torch.cat((d_gate, dy * F.silu(gate)), dim=-1)
 
 
 Run = tuple[int, int, int]  # one sequence's queries in a chunk: (first key, first query, query end)
@@ -63,10 +61,18 @@ class ChunkAttentionFn(torch.autograd.Function):
     first token of the chunk's first sequence); k, v [n, H_kv, D]. ``runs``: per sequence in the
     chunk, (first key, first query, query end) in key coordinates (0 = first past key); each run's
     queries attend causally to its own keys only, so no work is spent across sequences. Query head
-    h reads kv head h // (H_q / H_kv). Saves q, k, v, the past views, out and the row log-sum-exp;
-    backward recomputes the probabilities (flash-attention style) and returns dK/dV of the past
-    positions too, which the caller accumulates for the earlier chunks.
+    h reads kv head h // (H_q / H_kv). Saves only q, k, v and the past views; backward recomputes
+    the probabilities and returns dK/dV of the past positions too, which the caller accumulates
+    for the earlier chunks.
     """
+
+    @staticmethod
+    def _probs(q_r, k_r, offset: int, scale: float, groups: int) -> torch.Tensor:
+        """q_r [H_kv, g m, D], k_r [H_kv, l, D] -> fp32 probabilities [H_kv, g m, l]."""
+        h_kv, rows, width = q_r.shape[0], q_r.shape[1] // groups, k_r.shape[1]
+        scores = (torch.matmul(q_r, k_r.transpose(1, 2)).float() * scale).view(h_kv, groups, rows, width)
+        scores.masked_fill_(~_causal(rows, width, offset, q_r.device), float("-inf"))
+        return torch.softmax(scores, dim=-1).view(h_kv, groups * rows, width)
 
     @staticmethod
     def forward(ctx, q, k, v, k_past, v_past, runs: list[Run], scale: float):
@@ -77,45 +83,36 @@ class ChunkAttentionFn(torch.autograd.Function):
         values = torch.cat((v_past, v)).transpose(0, 1)
         qg = q.view(n, h_kv, groups, d).permute(1, 2, 0, 3)  # [H_kv, g, n, D]
         out = q.new_empty(h_kv, groups, n, d)
-        lse = q.new_empty(h_kv, groups, n, dtype=torch.float32)
         for ks, qs, qe in runs:
             rows = slice(qs - past, qe - past)
-            m = qe - qs
-            scores = torch.matmul(qg[:, :, rows].reshape(h_kv, groups * m, d), keys[:, ks:qe].transpose(1, 2))
-            scores = (scores.float() * scale).view(h_kv, groups, m, qe - ks)
-            scores.masked_fill_(~_causal(m, qe - ks, qs - ks, q.device), float("-inf"))
-            lse[:, :, rows] = torch.logsumexp(scores, dim=-1)
-            probs = torch.exp(scores - lse[:, :, rows, None]).to(q.dtype).view(h_kv, groups * m, qe - ks)
-            out[:, :, rows] = torch.matmul(probs, values[:, ks:qe]).view(h_kv, groups, m, d)
-        out = out.permute(2, 0, 1, 3).reshape(n, h_q, d)  # [n, H_q, D]
-        ctx.save_for_backward(q, k, v, k_past, v_past, out, lse)
+            q_r = qg[:, :, rows].reshape(h_kv, groups * (qe - qs), d)
+            probs = ChunkAttentionFn._probs(q_r, keys[:, ks:qe], qs - ks, scale, groups)
+            out[:, :, rows] = torch.matmul(probs.to(q.dtype), values[:, ks:qe]).view(h_kv, groups, qe - qs, d)
+        ctx.save_for_backward(q, k, v, k_past, v_past)
         ctx.runs, ctx.scale = runs, scale
-        return out
+        return out.permute(2, 0, 1, 3).reshape(n, h_q, d)  # [n, H_q, D]
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, k_past, v_past, out, lse = ctx.saved_tensors
+        q, k, v, k_past, v_past = ctx.saved_tensors
         n, h_q, d = q.shape
         h_kv, past = k.shape[1], k_past.shape[0]
         groups = h_q // h_kv
         keys = torch.cat((k_past, k)).transpose(0, 1)  # [H_kv, p+n, D]
         values = torch.cat((v_past, v)).transpose(0, 1)
-        qg, dog, og = (t.view(n, h_kv, groups, d).permute(1, 2, 0, 3) for t in (q, d_out, out))  # [H_kv, g, n, D]
+        qg, dog = (t.view(n, h_kv, groups, d).permute(1, 2, 0, 3) for t in (q, d_out))  # [H_kv, g, n, D]
         dq = torch.zeros_like(qg)
         dk, dv = torch.zeros_like(keys), torch.zeros_like(values)  # [H_kv, p+n, D]
         for ks, qs, qe in ctx.runs:
-            rows, m, width = slice(qs - past, qe - past), qe - qs, qe - ks
-            q_r, do_r, o_r = (t[:, :, rows].reshape(h_kv, groups * m, d) for t in (qg, dog, og))
+            rows, m = slice(qs - past, qe - past), qe - qs
+            q_r, do_r = (t[:, :, rows].reshape(h_kv, groups * m, d) for t in (qg, dog))
             k_r, v_r = keys[:, ks:qe], values[:, ks:qe]
-            scores = (torch.matmul(q_r, k_r.transpose(1, 2)).float() * ctx.scale).view(h_kv, groups, m, width)
-            scores.masked_fill_(~_causal(m, width, qs - ks, q.device), float("-inf"))
-            probs = torch.exp(scores - lse[:, :, rows, None]).view(h_kv, groups * m, width)  # fp32
+            probs = ChunkAttentionFn._probs(q_r, k_r, qs - ks, ctx.scale, groups)  # [H_kv, g m, l]
             dv[:, ks:qe] = torch.matmul(probs.to(q.dtype).transpose(1, 2), do_r)
             d_probs = torch.matmul(do_r, v_r.transpose(1, 2)).float()
-            delta = (do_r.float() * o_r.float()).sum(-1, keepdim=True)  # [H_kv, g m, 1]
-            d_scores = (probs * (d_probs - delta) * ctx.scale).to(q.dtype)
-            dq[:, :, rows] = torch.matmul(d_scores, k_r).view(h_kv, groups, m, d)
-            dk[:, ks:qe] = torch.matmul(d_scores.transpose(1, 2), q_r)
+            d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, torch.float32).to(q.dtype)
+            dq[:, :, rows] = (torch.matmul(d_scores, k_r) * ctx.scale).view(h_kv, groups, m, d)
+            dk[:, ks:qe] = torch.matmul(d_scores.transpose(1, 2), q_r) * ctx.scale
         dq = dq.permute(2, 0, 1, 3).reshape(n, h_q, d)
         dk, dv = dk.transpose(0, 1), dv.transpose(0, 1)  # [p+n, H_kv, D]
         return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None

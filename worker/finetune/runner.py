@@ -254,7 +254,12 @@ def train(
     until_step: int | None = None,
     **runner_options,
 ) -> FinetuneRunner:
-    """Fine-tune alone: ``run_work(token_budget)`` until the job (or ``until_step``) is done."""
+    """Fine-tune alone: ``run_work(token_budget)`` until the job (or ``until_step``) is done.
+
+    With no inference to share the iterations with, units and groups are as large as the budget
+    (``backward_window`` defaults to ``token_budget``).
+    """
+    runner_options.setdefault("backward_window", token_budget)
     runner = FinetuneRunner(model, tokenizer, job, adapter_root, adapter, **runner_options)
     stop = runner.total_steps if until_step is None else min(until_step, runner.total_steps)
     while runner.step < stop:
