@@ -2,7 +2,9 @@
 
 The micro-batch's sequences are packed back to back into one stream of T tokens (per-sequence
 positions, block-diagonal causal attention), so a unit crosses sequence boundaries and fills its
-token budget however short the sequences are.
+token budget however short the sequences are. The stream is worked through in groups of whole
+sequences (up to ``window`` tokens, or one longer sequence); no token attends across a sequence
+boundary, so each group's forward and backward are independent of the others'.
 
 Forward: chunks [s, e) of the stream run through the layers without a graph, in layer blocks,
 keeping each layer's input (the residual stream, ``checkpoints`` [L, T, H]) and each layer's K/V
@@ -13,9 +15,10 @@ Backward: reverse token windows [s, e); each window walks the layers top-down in
 A unit recomputes its layers for the window from the checkpoint (rematerialization), then
 backpropagates the gradient arriving from above plus the dK/dV that later windows' attention
 left for this window's K/V; it adds dK/dV of earlier positions into ``dk``/``dv`` (one layer's
-slice at a time) and LoRA gradients into ``.grad``. The top window may skip its no-grad forward:
-a "tail" unit runs it from the embeddings with the graph and backpropagates at once. Every term of
-the full gradient is produced exactly once, so the result does not depend on how units are cut.
+slice at a time) and LoRA gradients into ``.grad``. A group's top window may skip its no-grad
+forward: a "tail" unit runs it from the embeddings with the graph and backpropagates at once (a
+group that fits the budget is a single tail unit: no rematerialization at all). Every term of the
+full gradient is produced exactly once, so the result does not depend on how units are cut.
 
 Unit sizes: a unit of w tokens through k of the L layers costs ceil(w k / L) tokens. A budget b at
 least the ``window`` runs b tokens through all layers; a smaller one starts a span of
@@ -38,7 +41,7 @@ from flexllm.worker.finetune.data import TrainingSequence
 from flexllm.worker.finetune.layer import ChunkInput, Dropout, decoder_layer, loss_sum
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
-DEFAULT_WINDOW = 256  # tokens of a chunk or window run in layer blocks when the budget is smaller
+DEFAULT_WINDOW = 256  # most tokens of a group of sequences; span of layer-blocked units for small budgets
 
 
 def _packed(seqs: list[TrainingSequence], keys: list[int]) -> dict[str, list[int]]:
