@@ -16,7 +16,7 @@ Variants at one sequence length (bf16 by default, as the paper's GPUs run):
 - ``flexllm``: token-level forward (no graph) + split backward with rematerialization: the layer
   inputs, the sequence's K/V and dK/dV buffers, plus the largest graph any backward unit builds.
 
-Run: ``python benchmarks/memory.py`` (about 10 minutes on 2 CPU cores; ``--quick`` for a smoke run).
+Run: ``python benchmarks/memory.py`` (about 3 minutes on 2 CPU cores; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
