@@ -7,9 +7,9 @@ sequences (up to ``window`` tokens, or one longer sequence); no token attends ac
 boundary, so each group's forward and backward are independent of the others'.
 
 Forward: chunks [s, e) of the stream run through the layers without a graph, in layer blocks,
-keeping each layer's input (the residual stream, ``checkpoints`` [L, T, H]) and each layer's K/V
-([L, T, H_kv, D], private buffers: training K/V need gradients, live only until the micro-batch's
-backward ends and never enter the inference block pool).
+keeping each layer's input (the residual stream, ``checkpoints`` [L, G, H] for the G tokens of the
+group) and each layer's K/V ([L, G, H_kv, D], private buffers: training K/V need gradients, live
+only until the group's backward ends and never enter the inference block pool).
 
 Backward: reverse token windows [s, e); each window walks the layers top-down in layer blocks.
 A unit recomputes its layers for the window from the checkpoint (rematerialization), then
@@ -83,10 +83,6 @@ class BatchWork:
         self.positions, self.keys = cols["positions"], cols["keys"]
         self.bounds = list(itertools.accumulate((len(s) for s in seqs), initial=0))  # sequence i: [b_i, b_i+1)
         self.num_layers, self.length = args.num_layers, self.token_ids.shape[0]
-        self.checkpoints = weight.new_empty(self.num_layers, self.length, args.hidden_size)
-        kv_shape = (self.num_layers, self.length, args.num_kv_heads, args.head_dim)
-        self.k, self.v = weight.new_empty(kv_shape), weight.new_empty(kv_shape)
-        self.dk, self.dv = weight.new_zeros(kv_shape), weight.new_zeros(kv_shape)
         # the group of whole sequences in progress: forward, then backward, then the next group
         self.group_start = self.group_end = 0
         self.forward_pos = 0  # tokens of the group through every layer (from group_start)
@@ -139,6 +135,16 @@ class BatchWork:
             end = bound
         self.group_start = self.forward_pos = start
         self.group_end = self.window_end = end
+        args, weight = self.model.args, self.model.embed_tokens.weight
+        # the group's buffers, replaced by the next group's (rows: the group's tokens, see ``_rows``)
+        self.checkpoints = weight.new_empty(self.num_layers, end - start, args.hidden_size)
+        kv_shape = (self.num_layers, end - start, args.num_kv_heads, args.head_dim)
+        self.k, self.v = weight.new_empty(kv_shape), weight.new_empty(kv_shape)
+        self.dk, self.dv = weight.new_zeros(kv_shape), weight.new_zeros(kv_shape)
+
+    def _rows(self, start: int, end: int) -> slice:
+        """Stream tokens [start, end) of the current group as rows of its buffers."""
+        return slice(start - self.group_start, end - self.group_start)
 
     # -- sizes -------------------------------------------------------------------------------
     def _span(self, budget: int, available: int) -> int:
@@ -149,7 +155,7 @@ class BatchWork:
 
     def _chunk(self, start: int, end: int) -> tuple[ChunkInput, int]:
         """The chunk's inputs and ``lo``, the stream index of its first sequence's first token."""
-        cos, sin = self.model.rotary.cos_sin(self.positions[start:end], self.checkpoints.dtype)
+        cos, sin = self.model.rotary.cos_sin(self.positions[start:end], self.model.embed_tokens.weight.dtype)
         dropout = None
         if self.dropout:
             dropout = Dropout(self.dropout, self.keys[start:end], self.positions[start:end])
@@ -168,7 +174,7 @@ class BatchWork:
             start, left = self.forward_pos, self.group_end - self.forward_pos
             width = self._span(budget, left)
             end = start + (min(width, left - self.window) if left > self.window else width)
-            self.checkpoints[0, start:end] = self.model.embed_tokens(self.token_ids[start:end])
+            self.checkpoints[0, self._rows(start, end)] = self.model.embed_tokens(self.token_ids[start:end])
             self._ahead = [(start, end, 0)]
         start, end, first = self._ahead.pop(0)
         layers = budget * self.num_layers // (end - start)
@@ -177,14 +183,13 @@ class BatchWork:
             end, layers = start + budget * self.num_layers, 1
         layers = min(layers, self.num_layers - first)
         chunk, lo = self._chunk(start, end)
-        x = self.checkpoints[first, start:end]  # [n, H]
+        x = self.checkpoints[first, self._rows(start, end)]  # [n, H]
         for layer in range(first, first + layers):
-            x, k, v = decoder_layer(
-                self.model, self.lora, layer, x, chunk, self.k[layer, lo:start], self.v[layer, lo:start]
-            )
-            self.k[layer, start:end], self.v[layer, start:end] = k, v
+            past, rows = self._rows(lo, start), self._rows(start, end)
+            x, k, v = decoder_layer(self.model, self.lora, layer, x, chunk, self.k[layer, past], self.v[layer, past])
+            self.k[layer, rows], self.v[layer, rows] = k, v
             if layer + 1 < self.num_layers:
-                self.checkpoints[layer + 1, start:end] = x
+                self.checkpoints[layer + 1, rows] = x
         if first + layers < self.num_layers:
             self._ahead.insert(0, (start, end, first + layers))
         else:
@@ -214,7 +219,7 @@ class BatchWork:
             self._behind.insert(0, (start, cut, top, left))
             start, grad, layers = cut, right, 1
         bottom = top - min(layers, top)
-        grad = self._backward_layers(start, end, bottom, top, self.checkpoints[bottom, start:end], grad)
+        grad = self._backward_layers(start, end, bottom, top, self.checkpoints[bottom, self._rows(start, end)], grad)
         if bottom > 0:
             self._behind.insert(0, (start, end, bottom, grad))
         return self._cost(end - start, top - bottom)
@@ -228,15 +233,16 @@ class BatchWork:
         Returns the gradient of x_in (None for layer 0, whose input gradient is not needed).
         """
         chunk, lo = self._chunk(start, end)
+        past_rows, rows = self._rows(lo, start), self._rows(start, end)
         x_in = x_in.detach().requires_grad_(bottom > 0)
         x, outputs, grads, past = x_in, [], [], []
         with torch.enable_grad():
             for layer in range(bottom, top):
-                k_past = self.k[layer, lo:start].detach().requires_grad_(start > lo)
-                v_past = self.v[layer, lo:start].detach().requires_grad_(start > lo)
+                k_past = self.k[layer, past_rows].detach().requires_grad_(start > lo)
+                v_past = self.v[layer, past_rows].detach().requires_grad_(start > lo)
                 x, k, v = decoder_layer(self.model, self.lora, layer, x, chunk, k_past, v_past)
                 outputs += [k, v]
-                grads += [self.dk[layer, start:end], self.dv[layer, start:end]]
+                grads += [self.dk[layer, rows], self.dv[layer, rows]]
                 past.append((layer, k_past, v_past))
             if top == self.num_layers:
                 loss = loss_sum(self.model, x, self.targets[start:end])
@@ -252,6 +258,6 @@ class BatchWork:
             torch.autograd.backward(outputs, grads, inputs=leaves)
         if start > lo:
             for layer, k_past, v_past in past:
-                self.dk[layer, lo:start] += k_past.grad
-                self.dv[layer, lo:start] += v_past.grad
+                self.dk[layer, past_rows] += k_past.grad
+                self.dv[layer, past_rows] += v_past.grad
         return x_in.grad
