@@ -71,7 +71,7 @@ def test_coserved_job_matches_the_job_trained_alone(tiny_llama_dir, dataset, tmp
     assert runner.step == alone.step == 3
     assert runner.loss == pytest.approx(alone.loss, rel=1e-5)
     for a, b in zip(runner.lora.parameters(), alone.lora.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32: other cuts, other rounding
     assert co.slo_tracker.met + co.slo_tracker.missed == 10
 
 

@@ -6,7 +6,9 @@
 (a fine-tuning work unit is its own pass over the layers, so each one carries a fixed cost)
 
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
-model stays monotone and can be inverted into a token budget.
+model stays monotone and can be inverted into a token budget. Budgets also leave room for the
+model's recent error (the 90th percentile of its under-predictions), so a biased fit does not turn
+into missed SLOs.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class IterationShape:
 
 
 class LatencyModel:
-    def __init__(self, window: int = 256, refit_every: int = 16):
+    def __init__(self, window: int = 256, refit_every: int = 16, error_window: int = 64):
         self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
+        self.errors: deque[float] = deque(maxlen=error_window)  # measured - predicted, seconds
         self.refit_every = refit_every
         self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
@@ -45,6 +48,7 @@ class LatencyModel:
         return sum(c * x for c, x in zip(self.coef, shape.vector()))
 
     def observe(self, shape: IterationShape, seconds: float) -> None:
+        self.errors.append(seconds - self.predict(shape))
         self.samples.append((shape.vector(), seconds))
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
@@ -70,12 +74,19 @@ class LatencyModel:
                 return
             active = [a for a in active if a not in negative]
 
+    def error_margin(self) -> float:
+        """How much the model recently under-predicted (90th percentile, >= 0)."""
+        if len(self.errors) < 8:
+            return 0.0
+        ordered = sorted(self.errors)
+        return max(0.0, ordered[int(0.9 * (len(ordered) - 1))])
+
     def max_extra_tokens(self, base: IterationShape, within_s: float, kind: str, cap: int,
                          fixed_s: float = 0.0) -> int:
         """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` (plus ``fixed_s``)
         within ``within_s``."""
         per_token = self.coef[1 + FEATURES.index(kind)]
-        room = within_s - self.predict(base) - fixed_s
+        room = within_s - self.predict(base) - fixed_s - self.error_margin()
         if room <= 0:
             return 0
         if per_token <= 0:

@@ -105,8 +105,9 @@ class FinetuneRunner:
 
     @property
     def next_work_is_backward(self) -> bool:
-        """Whether the next ``run_work`` does backward work (priced higher by the scheduler)."""
-        return self._work is not None and self._work.next_is_backward
+        """Whether the next ``run_work`` may do backward work (priced higher by the scheduler); a micro-batch
+        not started yet may open with a fused forward+backward unit, so it counts as backward."""
+        return self._work is None or self._work.next_is_backward
 
     def run_work(self, token_budget: int) -> WorkDone:
         """Do one forward or backward unit costing up to ``token_budget`` tokens."""
