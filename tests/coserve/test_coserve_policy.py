@@ -57,7 +57,8 @@ def test_a_work_units_fixed_cost_comes_off_the_leftover():
 
 
 def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():
-    demand = InferenceDemand(decodes=10, prefill_tokens=1000, min_ttft_slack_s=100.0)
+    demand = InferenceDemand(decodes=10, prefill_tokens=1000, min_ttft_slack_s=100.0,
+                             min_tpot_slack_s=SLO_50MS.tpot_s)  # on pace: no slack saved up
     cheap = scheduler(latency(c_tok=0.0001)).inference_budget(demand, has_finetune=True)
     costly = scheduler(latency(c_tok=0.0004)).inference_budget(demand, has_finetune=True)
     assert cheap > costly >= 10
@@ -114,3 +115,15 @@ def test_latency_model_refits_to_measurements():
     model.fit()
     for got, want in zip(model.coef, [0.005, 2e-4, 1e-6, 3e-4, 6e-4, 0.01]):
         assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_requests_ahead_of_their_tpot_pace_lend_finetuning_longer_iterations():
+    model = latency()
+    shape = IterationShape(inference_tokens=8)
+    budgets = {}
+    for name, slack in (("behind", 0.010), ("on pace", SLO_50MS.tpot_s), ("ahead", 0.150), ("far ahead", 10.0)):
+        sched = scheduler(model)
+        sched.inference_budget(InferenceDemand(decodes=8, min_tpot_slack_s=slack), has_finetune=True)
+        budgets[name] = sched.finetune_budget(shape, "finetune_forward_tokens", idle=False)
+        assert sched.current_target_s <= 4 * SLO_50MS.tpot_s
+    assert budgets["behind"] == 0 < budgets["on pace"] < budgets["ahead"] <= budgets["far ahead"]

@@ -139,7 +139,7 @@ class CoServingEngine:
 
     def demand(self, now: float) -> InferenceDemand:
         decodes = ctx = prefill = 0
-        slack = float("inf")
+        ttft_slack = tpot_slack = float("inf")
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining == 1 and seq.num_output_tokens > 0:
@@ -148,8 +148,11 @@ class CoServingEngine:
             else:
                 prefill += remaining
             if seq.first_token_time is None:
-                slack = min(slack, seq.arrival_time + self.slo.ttft_s - now)
-        return InferenceDemand(decodes, ctx, prefill, slack)
+                ttft_slack = min(ttft_slack, seq.arrival_time + self.slo.ttft_s - now)
+            else:  # on pace while token k+1 is out by first_token_time + k * TPOT
+                pace = seq.first_token_time + self.slo.tpot_s * seq.num_output_tokens
+                tpot_slack = min(tpot_slack, pace - now)
+        return InferenceDemand(decodes, ctx, prefill, ttft_slack, tpot_slack)
 
     def step(self) -> IterationResult:
         began = time.perf_counter()

@@ -1,9 +1,12 @@
 """The hybrid token scheduler's decisions: how many tokens inference and fine-tuning get per iteration.
 
-``coserve`` (FlexLLM): decodes always run; prefill chunks fill what the TPOT target leaves (or more,
-when a waiting request would otherwise miss its TTFT); fine-tuning gets exactly the time that is
-left, priced by the latency model. Baselines: ``temporal`` (every ``temporal_period``-th iteration
-is fine-tune-only), ``inference-only``, ``finetune-only``.
+``coserve`` (FlexLLM): decodes always run; prefill chunks fill what the iteration's time target leaves
+(or more, when a waiting request would otherwise miss its TTFT); fine-tuning gets exactly the time
+that is left, priced by the latency model. TPOT is an average over a request's tokens, so the target
+is the least slack of the running requests (time left before one falls behind its TPOT pace), at
+most ``max_target_tpots`` TPOTs: requests ahead of pace lend fine-tuning longer iterations.
+Baselines: ``temporal`` (every ``temporal_period``-th iteration is fine-tune-only), ``inference-only``,
+``finetune-only``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class InferenceDemand:
     decode_context_tokens: int = 0  # their summed context lengths
     prefill_tokens: int = 0  # prompt tokens not yet computed, over all waiting/prefilling requests
     min_ttft_slack_s: float = float("inf")  # least time left before a waiting request's TTFT deadline
+    min_tpot_slack_s: float = float("inf")  # least time left before a running request falls behind its TPOT pace
 
     @property
     def idle(self) -> bool:
@@ -45,18 +49,28 @@ class InferenceDemand:
 
 class HybridScheduler:
     def __init__(self, slo: SLO, latency: LatencyModel, max_tokens_per_batch: int, max_finetune_tokens: int,
-                 policy: str = "coserve", temporal_period: int = 4, margin: float = 0.85):
+                 policy: str = "coserve", temporal_period: int = 4, margin: float = 0.85,
+                 max_target_tpots: float = 4.0):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.slo, self.latency, self.policy = slo, latency, policy
         self.max_tokens_per_batch, self.max_finetune_tokens = max_tokens_per_batch, max_finetune_tokens
-        self.temporal_period, self.margin = temporal_period, margin
+        self.temporal_period, self.margin, self.max_target_tpots = temporal_period, margin, max_target_tpots
         self.iteration = 0
+        self.current_target_s = self.target_s
 
     @property
     def target_s(self) -> float:
-        """Iteration time that keeps every running decode within its TPOT SLO."""
+        """Iteration time that keeps a request on its TPOT pace when it has no slack saved up."""
         return self.slo.tpot_s * self.margin
+
+    def iteration_target(self, demand: InferenceDemand) -> float:
+        """This iteration's time target: the least slack of the running requests (and of the waiting
+        ones' TTFT), with a margin, at most ``max_target_tpots`` TPOTs."""
+        if demand.decodes == 0:
+            return self.target_s
+        slack = min(demand.min_tpot_slack_s, demand.min_ttft_slack_s)
+        return min(slack * self.margin, self.max_target_tpots * self.slo.tpot_s)
 
     def inference_budget(self, demand: InferenceDemand, has_finetune: bool) -> int:
         """Tokens for decodes + prefill chunks this iteration (call once per iteration)."""
@@ -66,8 +80,10 @@ class HybridScheduler:
             return 0
         if self.policy in ("inference-only", "temporal") or demand.idle:
             return full
+        self.current_target_s = self.iteration_target(demand)
         base = IterationShape(inference_tokens=demand.decodes, decode_context_tokens=demand.decode_context_tokens)
-        room = self.latency.max_extra_tokens(base, self.target_s, "inference_tokens", full - demand.decodes)
+        room = self.latency.max_extra_tokens(base, self.current_target_s, "inference_tokens",
+                                             full - demand.decodes)
         prefill = min(demand.prefill_tokens, room)
         if demand.prefill_tokens > prefill and self._ttft_at_risk(demand, prefill):
             prefill = min(demand.prefill_tokens, full - demand.decodes)  # TTFT outranks one TPOT
@@ -80,7 +96,7 @@ class HybridScheduler:
         if prefill_per_iteration <= 0:
             return True
         iterations = -(-demand.prefill_tokens // prefill_per_iteration)
-        return iterations * self.target_s > demand.min_ttft_slack_s
+        return iterations * self.current_target_s > demand.min_ttft_slack_s
 
     def finetune_budget(self, scheduled: IterationShape, kind: str, idle: bool) -> int:
         """Fine-tuning tokens of ``kind`` (a latency FEATURES name) left after the scheduled inference."""
@@ -90,7 +106,7 @@ class HybridScheduler:
         if self.policy in ("finetune-only", "temporal") or idle:
             return cap if scheduled.inference_tokens == 0 else 0
         unit_s = self.latency.coef[1 + FEATURES.index("finetune_units")]  # one work unit's fixed cost
-        return self.latency.max_extra_tokens(scheduled, self.target_s, kind, cap, fixed_s=unit_s)
+        return self.latency.max_extra_tokens(scheduled, self.current_target_s, kind, cap, fixed_s=unit_s)
 
 
 class WeightedShare:
