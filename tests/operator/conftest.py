@@ -53,6 +53,17 @@ BUILTIN_RESOURCES = {
 }
 
 
+def apply(kubectl: Callable[..., subprocess.CompletedProcess], folder: Path, manifest: dict[str, Any]) -> None:
+    """kubectl apply of a manifest written to ``folder``."""
+    path = folder / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    kubectl("apply", "--validate=false", "-f", str(path))
+
+
+def example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
 def load_crds() -> list[dict[str, Any]]:
     return [yaml.safe_load(path.read_text()) for path in CRD_FILES]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from flexllm.worker import protocol
+
+from .conftest import apply, example
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("operator_process")]
 
@@ -23,14 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE_KEY = "default.smollm2"  # the worker's --service: <namespace>.<name>
 
 
-def apply(kubectl, tmp_path: Path, manifest: dict[str, Any]) -> None:
-    path = tmp_path / f"{manifest['metadata']['name']}.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    kubectl("apply", "--validate=false", "-f", str(path))
 
 
-def example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "examples" / name).read_text())
 
 
 def get(kubectl, *args: str) -> dict[str, Any]:

@@ -30,11 +30,10 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from flexllm.worker import protocol
 
-from .conftest import REDIS_PASSWORD, poll
+from .conftest import REDIS_PASSWORD, apply, example, poll
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("operator_process")]
 
@@ -44,14 +43,8 @@ SERVICE_KEY = f"default.{NAME}"  # the worker's --service: <namespace>.<name>
 DATASET = REPO / "examples" / "data" / "tiny.jsonl"
 
 
-def apply(kubectl, folder: Path, manifest: dict[str, Any]) -> None:
-    path = folder / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    kubectl("apply", "--validate=false", "-f", str(path))
 
 
-def example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "examples" / name).read_text())
 
 
 def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
