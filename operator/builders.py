@@ -85,6 +85,8 @@ def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[s
         "--max-lora-rank", str(engine.max_lora_rank),
         "--ttft-ms", f"{slo.ttft_ms:g}",
         "--tpot-ms", f"{slo.tpot_ms:g}",
+        "--policy", engine.policy,
+        "--max-finetune-tokens", str(engine.max_finetune_tokens),
     ]
     for adapter in spec.adapters:
         args += ["--adapter", f"{adapter.name}={pinned_location(adapter.uri)}"]

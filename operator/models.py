@@ -41,6 +41,8 @@ class EngineLimits(SpecModel):
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     max_loras: int = Field(default=4, ge=1)
     max_lora_rank: int = Field(default=64, ge=1)
+    policy: Literal["coserve", "temporal", "inference-only", "finetune-only"] = "coserve"
+    max_finetune_tokens: int = Field(default=256, ge=1)
 
 
 class PinnedAdapter(SpecModel):

@@ -72,7 +72,8 @@ def test_worker_args_are_flags_of_the_real_flexllm_serve():
     from flexllm.worker.cli import build_parser
 
     rendered = builders.worker_args("smollm2", "team-a", spec(adapters=[{"name": "sql", "uri": "pvc://a/sql"}],
-                                                               slo={"ttftMs": 800, "tpotMs": 50.5}))
+                                                               slo={"ttftMs": 800, "tpotMs": 50.5},
+                                                               engine={"policy": "temporal", "maxFinetuneTokens": 64}))
     args = build_parser().parse_args(rendered)
     assert args.command == "serve"
     assert (args.model, args.dtype, args.service, args.adapter_dir, args.port) == (
@@ -80,7 +81,7 @@ def test_worker_args_are_flags_of_the_real_flexllm_serve():
     assert args.redis_url == "$(FLEXLLM_REDIS_URL)"  # expanded by the kubelet from the container env
     assert (args.max_tokens_per_batch, args.kv_cache_fraction, args.max_loras, args.max_lora_rank) == (
         2048, 0.5, 4, 64)
-    assert (args.ttft_ms, args.tpot_ms, args.policy) == (800, 50.5, "coserve")
+    assert (args.ttft_ms, args.tpot_ms, args.policy, args.max_finetune_tokens) == (800, 50.5, "temporal", 64)
     assert args.adapter == ["sql=/pinned/a/sql"]
 
 

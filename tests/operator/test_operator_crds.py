@@ -83,6 +83,8 @@ def test_both_max_steps_and_epochs_are_rejected():
     ("replicas", -1, "-1 is less than the minimum of 0"),
     ("engine.kvCacheFraction", 1.5, "1.5 is greater than the maximum of 1"),
     ("engine.maxLoraRank", 0, "0 is less than the minimum of 1"),
+    ("engine.policy", "fastest", "'fastest' is not one of"),
+    ("engine.maxFinetuneTokens", 0, "0 is less than the minimum of 1"),
     ("model.dtype", "int3", "'int3' is not one of"),
 ])
 def test_bad_inferenceservices_are_rejected(path, value, message):
