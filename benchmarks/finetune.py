@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 from flexllm.worker.engine.llm_engine import build_model
 from flexllm.worker.finetune.data import SequenceStream
 from flexllm.worker.finetune.runner import FinetuneRunner
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 
-RESULTS = Path(__file__).parent / "results"
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "tiny.jsonl"
 BATCH_TOKENS = 512
 
@@ -161,8 +161,7 @@ def main() -> None:
         **{k: v for k, v in rows[0].items() if k != "dataset"},
         "runs": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {write_json('finetune', result)}")
 
 
 if __name__ == "__main__":

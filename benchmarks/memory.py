@@ -25,9 +25,9 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from common import write_json
 
 from flexllm.worker.engine.llm_engine import build_model
 from flexllm.worker.engine.model import CausalLM, ModelArgs
@@ -37,7 +37,6 @@ from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.spec import LoraSpec
 from flexllm.worker.finetune.work import BatchWork
 
-RESULTS = Path(__file__).parent / "results"
 TARGETS = {
     "qv": ("q_proj", "v_proj"),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -249,8 +248,7 @@ def main() -> None:
     rows = [run_isolated(args, model, targets) for model in models for targets in TARGETS]
     print_table(rows)
     headline = next(r for r in rows if r["model"].startswith(models[-1]) and len(r["target_modules"]) == 2)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({**headline, "runs": rows}, indent=2) + "\n")
+    print(f"wrote {write_json('memory', {**headline, 'runs': rows})}")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
-
-RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
+from common import write_json
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -156,15 +154,14 @@ def main() -> None:
         runs["direct"].append(run_direct(args, items))
     service, direct = (max(r, key=lambda row: row["requests_per_s"]) for r in runs.values())
     ratios = {key: round(service[key] / direct[key], 3) for key in direct if isinstance(direct[key], float)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"config": vars(args), "results": [service, direct],
-                                   "ratio_http_redis_over_direct": ratios}, indent=2))
+    path = write_json("service", {"config": vars(args), "results": [service, direct],
+                                  "ratio_http_redis_over_direct": ratios})
     columns = ["requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"]
     print(f"{'system':<16}" + "".join(f"{c:>20}" for c in columns))
     for row in (service, direct):
         print(f"{row['system']:<16}" + "".join(f"{row[c]:>20}" for c in columns))
     print(f"{'ratio':<16}" + "".join(f"{ratios[c]:>20}" for c in columns))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
