@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 
 import httpx
 from common import write_json
+
+from flexllm.worker.net import free_port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,12 +78,6 @@ async def _load(base_url: str, items: list[str], concurrency: int, max_tokens: i
         wall = time.monotonic() - start
     return summarize("http+redis", [r[0] for r in results], [r[1] for r in results], wall,
                      sum(r[2] for r in results))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_service(args: argparse.Namespace, items: list[str]) -> dict:

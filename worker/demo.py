@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.metrics import Metrics
+from flexllm.worker.net import free_port
 from flexllm.worker.queue.connection import connect
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 from flexllm.worker.redis_server import EmbeddedRedis
@@ -115,12 +115,6 @@ def drive_load(base: str, rate: float, stop: threading.Event, result: LoadResult
     with httpx.Client() as client, ThreadPoolExecutor(max_workers=32) as pool:
         while not stop.wait(rng.expovariate(rate)):
             pool.submit(stream_one, client, base, rng.choice(PROMPTS), rng.randint(16, 64), result, start, lock)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import httpx
 import pytest
 
 from flexllm.worker import protocol
+from flexllm.worker.net import free_port
 
 from .conftest import REDIS_PASSWORD, apply, example, poll
 
@@ -62,12 +62,6 @@ def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
 
 def status_of(kubectl, kind: str, name: str) -> dict[str, Any]:
     return json.loads(kubectl("get", kind, name, "-o", "json").stdout).get("status", {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pod_env(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str, str], str]) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -19,15 +18,10 @@ from flexllm.worker.api.app import ApiConfig, create_app
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.metrics import Metrics
+from flexllm.worker.net import free_port
 from flexllm.worker.queue.connection import connect
 from flexllm.worker.redis_server import EmbeddedRedis
 from flexllm.worker.serving import EngineWorker, WorkerOptions
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
