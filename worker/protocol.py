@@ -30,7 +30,6 @@ PROGRESS_FIELDS = (
     "message",
     "updated",  # unix seconds
 )
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled")
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 REPLICA_TTL_S = 30
 

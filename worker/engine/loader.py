@@ -7,7 +7,6 @@ safetensors folder under the cache directory (``$FLEXLLM_CACHE``, default ``~/.c
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -109,8 +108,3 @@ def load_checkpoint(path: Path) -> tuple[object, dict[str, torch.Tensor], object
         state.update(load_file(file))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return config, state, tokenizer
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

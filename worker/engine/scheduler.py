@@ -28,17 +28,9 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(1 for s, n in zip(self.seqs, self.num_new_tokens, strict=True) if _is_decode(s, n))
-
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_tokens)
-
-
-def _is_decode(seq: Sequence, num_new: int) -> bool:
-    return num_new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.num_output_tokens > 0
 
 
 class Scheduler:
@@ -109,7 +101,6 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -38,7 +38,6 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
