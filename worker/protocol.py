@@ -13,7 +13,11 @@ layout is written down exactly once.
 - ``job:{job}:versions``  list of JSON adapter versions ``{"version", "step", "loss", "uri", "time"}``
 - ``adapters``            pub/sub channel: JSON ``{"adapter", "version", "uri"}`` for every new version
 - ``replica:{replica}``   hash with a TTL: what one replica really serves (``adapters``: JSON list of
-                          ``name@vN``; ``ready``; ``updated``) — the source of ``status.loadedAdapters``
+                          ``name@vN``; ``ready``; ``updated``; ``failed``: JSON ``{"name@vN": error}``
+                          of hot-loads that failed, cleared on success) — the source of
+                          ``status.loadedAdapters`` and the ``AdaptersLoaded`` condition
+- ``cancel:{request_id}`` string ``"1"`` once a client went away: the engine aborts the request
+- ``adapter-versions``    hash ``name@vN`` -> JSON version: what may be served
 """
 
 from __future__ import annotations
@@ -74,14 +78,7 @@ def replica_pattern(service: str) -> str:
     return f"{service_prefix(service)}:replica:*"
 
 
-# Appended for the operator: optional replica-hash field ``failed``, a JSON object
-# {"name@vN": "error message"} of adapter hot-loads that failed on that replica (cleared on success);
-# the operator shows it in the InferenceService's AdaptersLoaded condition.
-REPLICA_FIELDS = ("adapters", "ready", "updated", "failed")
 CANCEL_FLAG_TTL_S = 24 * 3600  # the operator keeps a deleted job's cancel flag this long
-
-
-# Appended for the serving side (worker/api, worker/queue, worker/adapters).
 OUTPUT_TTL_S = 600  # an output stream nobody reads any more expires after this long
 
 
