@@ -96,7 +96,7 @@ def run_system(engine: LLMEngine, latency: LatencyModel, slo: SLO, policy: str, 
                 continue
             result = co.step()
             inf_tokens += len(result.outputs)  # one sampled token per output
-            ft = sum(w.forward_tokens for w in result.finetune.values())
+            ft = sum(w.trained_tokens for w in result.finetune.values())
             ft_tokens += ft
             timeline.append((round(now, 3), result.shape.inference_tokens, ft))
     return {"policy": policy, "temporal_period": temporal_period if policy == "temporal" else None,

@@ -14,7 +14,8 @@ def record_all_logits(engine):
     records = []
 
     @torch.inference_mode()
-    def execute(batch):
+    def execute(batch, riders=()):
+        assert not riders
         rows = [(s.request_id, s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         input_ids, ctx, sample_rows = engine.runner.prepare(batch)
         logits = engine.model.compute_logits(engine.model(input_ids, ctx))

@@ -1,6 +1,7 @@
 """LoRA gradients of the token-level forward + split backward equal HF PEFT's full-sequence ones."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from finetune_helpers import (
     random_sequences,
 )
 
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.finetune.layer import Dropout
 from flexllm.worker.finetune.spec import LoraSpec
 from flexllm.worker.finetune.work import BatchWork
@@ -52,7 +55,8 @@ def run_batches(model, lora, batches, forward, backward, window, dropout_p=0.0) 
         while not work.finished:
             budget = next(budgets["backward" if work.next_is_backward else "forward"])
             cost, _ = work.unit(budget)
-            assert 0 < cost <= budget
+            least = math.ceil((1 + work.head_layers) / work.num_layers)  # one token, one layer, its loss
+            assert 0 < cost <= max(budget, least)
         total += work.loss_sum
     return total / num_targets
 
@@ -89,7 +93,7 @@ def test_units_span_sequences_and_fill_the_budget(tiny_llama_dir):
     model, _ = engine_model(tiny_llama_dir)
     lora = random_lora(model, SPEC)
     (seqs,) = sequences(model.args.vocab_size, [[6] * 12])
-    work = BatchWork(model, lora, seqs, 1.0, window=32)  # groups of 5, 5 and 2 whole sequences
+    work = BatchWork(model, lora, seqs, 1.0, window=32, head_layers=0)  # groups of 5, 5 and 2 whole sequences
     assert work.unit(32) == (30, "backward")  # 5 sequences forward and backward in one unit
     assert work.unit(1) == (1, "forward")  # a 1-token budget: one layer of a 2-token span
     assert work.unit(5) == (1, "forward")  # that span's other layer
@@ -97,6 +101,18 @@ def test_units_span_sequences_and_fill_the_budget(tiny_llama_dir):
     assert work.unit(4) == (4, "forward")  # one layer of an 8-token span
     assert work.unit(1) == (1, "forward")  # a smaller budget splits it: its first 2 tokens go on
     assert work.forward_pos == 34
+
+
+def test_the_loss_counts_in_the_cost_of_units_at_the_top(tiny_llama_dir):
+    model, _ = engine_model(tiny_llama_dir)
+    lora = random_lora(model, SPEC)
+    (seqs,) = sequences(model.args.vocab_size, [[6, 6]])  # 12 tokens, 8 of them with a target
+    work = BatchWork(model, lora, seqs, 1.0, window=32, head_layers=3.0)  # a target's loss: 3 layers' worth
+    assert work.unit(23) == (12, "forward")  # a tail unit would cost (12 * 2 + 8 * 3) / 2 = 24
+    assert work.unit(23) == (18, "backward")  # the top layer (12) and the loss (24), over 2 layers
+    assert work.unit(23) == (6, "backward")  # the bottom layer
+    assert work.finished
+    assert BatchWork(model, lora, seqs, 1.0, window=32, head_layers=3.0).unit(24) == (24, "backward")
 
 
 def test_dropout_gradients_do_not_depend_on_cutting(tiny_llama_dir):
@@ -123,3 +139,46 @@ def test_dropout_mask_rate_and_determinism():
     assert torch.equal(full[10:20], part)  # a function of (key, position), not of the chunk
     assert not torch.equal(full, Dropout(0.25, keys, positions).apply(x, layer=1, target="v_proj"))
     assert not torch.equal(full, Dropout(0.25, keys + 1, positions).apply(x, layer=1, target="q_proj"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_units_riding_inference_forwards_match_hf_peft_and_leave_inference_unchanged(
+    arch, tiny_llama_dir, tiny_qwen2_dir
+):
+    """Every unit's layers run inside an inference forward (shared GEMMs, engine.fused): the gradients
+    still equal HF PEFT's and the requests still generate what they generate alone."""
+    folder = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
+    engine = LLMEngine(model=str(folder), dtype="float32", device="cpu", num_kv_blocks=128, block_size=4,
+                       max_tokens_per_batch=16)
+    prompts = [[5 + i] * (3 + 4 * i) for i in range(4)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    alone = [out.token_ids for out in engine.generate(prompts, params)]
+
+    lora = random_lora(engine.model, SPEC)
+    peft = peft_model(folder, SPEC)
+    copy_into_peft(peft, lora)
+    batches = sequences(engine.model.args.vocab_size, BATCHES)
+    seqs = [s for batch in batches for s in batch]
+    num_targets = sum(s.num_targets for s in seqs)
+    ref_loss = peft_loss_sum(peft, seqs) / num_targets
+    ref_loss.backward()
+
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    outputs, fused, loss = {}, {"forward": 0, "backward": 0}, 0.0
+    for i, batch_seqs in enumerate(batches):
+        work = BatchWork(engine.model, lora, batch_seqs, 1.0 / num_targets, 0.0, [10 * i + j for j in
+                                                                                  range(len(batch_seqs))], 16)
+        while not work.finished:
+            unit = work.plan(5 if work.next_is_backward else 7)
+            batch = engine.scheduler.schedule()
+            fused[unit.kind] += bool(batch.seqs)
+            outputs.update((out.request_id, out.token_ids) for out in engine.execute(batch, [unit]))
+            work.finish(unit)
+        loss += work.loss_sum / num_targets
+    while engine.has_unfinished_requests():
+        outputs.update((out.request_id, out.token_ids) for out in engine.step())
+    assert fused["forward"] > 0 and fused["backward"] > 0
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == alone
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert max_rel_error(our_grads(lora), peft_grads(peft, lora)) <= 1e-4

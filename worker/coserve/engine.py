@@ -1,9 +1,11 @@
 """The co-serving loop: each iteration runs the inference tokens the hybrid scheduler admits and
 gives the time that is left to fine-tuning work units of every job, shared by weight.
 
-An iteration is one scheduled batch of decode tokens and prefill chunks (one forward on the shared
-model) followed by fine-tuning forward-chunk / backward-unit work on the same weights, all inside one
-latency budget; its measured time refits the latency model.
+An iteration is one fused forward on the shared model: the scheduled decode tokens and prefill
+chunks plus one work unit per job (a forward chunk, or a backward unit's recomputation), every
+frozen projection one GEMM over all their rows (``engine.fused``); then the backward units
+backpropagate. All of it fits one latency budget; its measured time refits the latency model.
+With no inference batch the jobs' units run alone until their share is spent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.engine.scheduler import ScheduledBatch
 from flexllm.worker.finetune.runner import FinetuneRunner, WorkDone
+from flexllm.worker.finetune.work import Unit
 
 log = logging.getLogger(__name__)
 PROFILE_PROMPT_TOKENS = (8, 32, 96, 192)
@@ -36,6 +39,7 @@ class JobWork:
 
     forward_tokens: int = 0
     backward_tokens: int = 0
+    trained_tokens: int = 0  # tokens whose forward completed (fine-tuning throughput counts these)
     units: int = 0
     steps_finished: int = 0
     loss: float | None = None
@@ -45,8 +49,11 @@ class JobWork:
     def tokens(self) -> int:
         return self.forward_tokens + self.backward_tokens
 
-    def add(self, work: WorkDone) -> None:
-        self.units += 1
+    def add(self, work: WorkDone, own_pass: bool = True) -> None:
+        """``own_pass``: the unit cost a pass of its own (a forward chunk fused into the inference
+        forward does not; a backward unit's backpropagation always does)."""
+        self.units += own_pass
+        self.trained_tokens += work.trained_tokens
         if work.kind == "forward":
             self.forward_tokens += work.tokens
         else:
@@ -161,23 +168,31 @@ class CoServingEngine:
         budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
         batch = self.engine.scheduler.schedule(budget) if budget > 0 else ScheduledBatch()
         shape = _inference_shape(batch)
-        outputs = self.engine.execute(batch)
-        finetune: dict[str, JobWork] = {}
-        ft_budget = 0
+        shares, ft_budget = {}, 0
         if active:
             kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
             ft_budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
-            for name, tokens in self.share.split(ft_budget, {n: j.weight for n, j in active.items()}).items():
-                try:
-                    finetune[name] = _spend(active[name].runner, tokens)
-                except Exception as error:  # a job's failure (e.g. its data) never stops the loop
-                    log.exception("fine-tuning job %s failed", name)
-                    self.failed[name] = f"{type(error).__name__}: {error}"
-                    self.jobs.pop(name, None)
+            shares = self.share.split(ft_budget, {n: j.weight for n, j in active.items()})
+        units = {}
+        for name, tokens in shares.items():
+            unit = self._guarded(name, active[name].runner.plan_work, tokens) if tokens > 0 else None
+            if unit is not None:
+                units[name] = unit
+        outputs = self._execute(batch, units)
+        finetune: dict[str, JobWork] = {}
+        for name, unit in units.items():
+            work = finetune[name] = JobWork()
+            done = self._guarded(name, active[name].runner.finish_work, unit)
+            if done is not None:
+                work.add(done, own_pass=not batch.seqs or done.kind == "backward")
+                if not batch.seqs:  # nothing to ride on: more units alone until the share is spent
+                    self._guarded(name, _spend, active[name].runner, shares[name] - done.tokens, work)
+        for name, work in finetune.items():
+            self.share.charge(name, work.tokens)
         fwd = sum(w.forward_tokens for w in finetune.values())
         bwd = sum(w.backward_tokens for w in finetune.values())
-        units = sum(w.units for w in finetune.values())
-        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd, units)
+        units_run = sum(w.units for w in finetune.values())
+        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd, units_run)
         seconds = time.perf_counter() - began
         if shape != IterationShape():
             self.latency.observe(shape, seconds)
@@ -187,17 +202,41 @@ class CoServingEngine:
                 self.slo_tracker.record(out, now)
         return IterationResult(outputs, finetune, shape, seconds, ft_budget)
 
+    def _execute(self, batch: ScheduledBatch, units: dict[str, Unit]) -> list[RequestOutput]:
+        """The fused forward. Should fine-tuning work break it, its jobs fail and inference runs alone."""
+        try:
+            return self.engine.execute(batch, list(units.values()))
+        except Exception as error:
+            if not units:
+                raise
+            log.exception("fused iteration failed; failing jobs %s", sorted(units))
+            for name in list(units):
+                self._fail(name, error)
+                del units[name]
+            return self.engine.execute(batch) if batch.seqs else []
 
-def _spend(runner: FinetuneRunner, tokens: int) -> JobWork:
-    """Run work units of one job until its share of the iteration is used up."""
-    done = JobWork()
+    def _guarded(self, name: str, fn, *args):
+        """Run one job's work; a failure (e.g. its data) fails that job only, never the loop."""
+        try:
+            return fn(*args)
+        except Exception as error:
+            log.exception("fine-tuning job %s failed", name)
+            self._fail(name, error)
+            return None
+
+    def _fail(self, name: str, error: Exception) -> None:
+        self.failed[name] = f"{type(error).__name__}: {error}"
+        self.jobs.pop(name, None)
+
+
+def _spend(runner: FinetuneRunner, tokens: int, done: JobWork) -> None:
+    """Run work units of one job on their own until ``tokens`` are used up."""
     while tokens > 0 and not runner.done:
         work = runner.run_work(tokens)
         if work.tokens == 0:
             break
         done.add(work)
         tokens -= work.tokens
-    return done
 
 
 def _inference_shape(batch: ScheduledBatch) -> IterationShape:

@@ -60,7 +60,7 @@ class CoServingJobs:
         result = self.coserve.step()
         for name, work in result.finetune.items():
             if self.metrics is not None:
-                self.metrics.tokens.labels("finetune").inc(work.forward_tokens)
+                self.metrics.tokens.labels("finetune").inc(work.trained_tokens)
             if work.steps_finished:
                 self._report(name, self.coserve.jobs[name].runner, "Running")
         for name, error in self.coserve.failed.items():

@@ -11,6 +11,7 @@ Baselines: ``temporal`` (every ``temporal_period``-th iteration is fine-tune-onl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
@@ -84,19 +85,21 @@ class HybridScheduler:
         base = IterationShape(inference_tokens=demand.decodes, decode_context_tokens=demand.decode_context_tokens)
         room = self.latency.max_extra_tokens(base, self.current_target_s, "inference_tokens",
                                              full - demand.decodes)
-        prefill = min(demand.prefill_tokens, room)
-        if demand.prefill_tokens > prefill and self._ttft_at_risk(demand, prefill):
-            prefill = min(demand.prefill_tokens, full - demand.decodes)  # TTFT outranks one TPOT
+        # TTFT outranks one TPOT: at least the prefill per iteration that still meets the nearest deadline
+        prefill = min(demand.prefill_tokens, full - demand.decodes, max(room, self._prefill_for_ttft(demand)))
         return min(full, demand.decodes + max(prefill, 0)) if demand.decodes else max(prefill, 1)
 
     def _finetune_turn(self) -> bool:
         return self.iteration % self.temporal_period == 0
 
-    def _ttft_at_risk(self, demand: InferenceDemand, prefill_per_iteration: int) -> bool:
-        if prefill_per_iteration <= 0:
-            return True
-        iterations = -(-demand.prefill_tokens // prefill_per_iteration)
-        return iterations * self.current_target_s > demand.min_ttft_slack_s
+    def _prefill_for_ttft(self, demand: InferenceDemand) -> int:
+        """Prefill tokens per iteration that finish all waiting prompts by the nearest TTFT deadline."""
+        if demand.prefill_tokens == 0 or math.isinf(demand.min_ttft_slack_s):
+            return 0
+        iterations_left = int(demand.min_ttft_slack_s / max(self.current_target_s, 1e-6))
+        if iterations_left < 1:
+            return demand.prefill_tokens
+        return -(-demand.prefill_tokens // iterations_left)
 
     def finetune_budget(self, scheduled: IterationShape, kind: str, idle: bool) -> int:
         """Fine-tuning tokens of ``kind`` (a latency FEATURES name) left after the scheduled inference."""
@@ -105,30 +108,43 @@ class HybridScheduler:
             return 0
         if self.policy in ("finetune-only", "temporal") or idle:
             return cap if scheduled.inference_tokens == 0 else 0
-        unit_s = self.latency.coef[1 + FEATURES.index("finetune_units")]  # one work unit's fixed cost
+        # a unit's own pass (a backward's backpropagation) has a fixed cost; a fused forward chunk has none
+        own_pass = kind == "finetune_backward_tokens"
+        unit_s = self.latency.coef[1 + FEATURES.index("finetune_units")] if own_pass else 0.0
         return self.latency.max_extra_tokens(scheduled, self.current_target_s, kind, cap, fixed_s=unit_s)
 
 
 class WeightedShare:
-    """Splits a fine-tuning budget across jobs by weight, carrying fractions over (deficit round robin)."""
+    """Splits fine-tuning budgets across jobs by weight (deficit round robin).
+
+    Every job earns credit in proportion to its weight; the jobs with credit left share each budget
+    (the least indebted one takes it, should none have any) and ``charge`` takes off what a job really spent, so a unit
+    that overshoots a small share is paid back later and the long-run split follows the weights.
+    """
 
     def __init__(self) -> None:
         self.credit: dict[str, float] = {}
 
     def split(self, budget: int, weights: dict[str, float]) -> dict[str, int]:
-        total = sum(weights.values())
-        if budget <= 0 or total <= 0:
+        if budget <= 0 or sum(weights.values()) <= 0:
             return {job: 0 for job in weights}
-        for job in list(self.credit):
-            if job not in weights:
-                del self.credit[job]
-        shares = {}
+        self.credit = {job: self.credit.get(job, 0.0) for job in weights}
+        total = sum(weights.values())
         for job, weight in weights.items():
-            self.credit[job] = self.credit.get(job, 0.0) + budget * weight / total
-            shares[job] = int(self.credit[job])
+            self.credit[job] += budget * weight / total
+        eligible = {job: w for job, w in weights.items() if self.credit[job] > 0}
+        if not eligible:  # all in debt (units overshooting their shares): the least indebted goes
+            job = max(weights, key=lambda j: self.credit[j] / weights[j])
+            eligible = {job: weights[job]}
+        part = sum(eligible.values())
+        exact = {job: budget * w / part for job, w in eligible.items()}
+        shares = {job: int(exact.get(job, 0)) for job in weights}
         leftover = budget - sum(shares.values())
-        for job in sorted(weights, key=lambda j: self.credit[j] - shares[j], reverse=True)[:leftover]:
+        for job in sorted(exact, key=lambda j: exact[j] - shares[j], reverse=True)[:leftover]:
             shares[job] += 1
-        for job in weights:
-            self.credit[job] -= shares[job]
         return shares
+
+    def charge(self, job: str, tokens: int) -> None:
+        """``job`` spent ``tokens`` of fine-tuning budget."""
+        if job in self.credit:
+            self.credit[job] -= tokens

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.fused import Rider, run_rider
 from flexllm.worker.engine.loader import load_checkpoint, resolve_model
 from flexllm.worker.engine.lora import LoRAManager
 from flexllm.worker.engine.model import CausalLM, ModelArgs
@@ -108,11 +109,14 @@ class LLMEngine:
         """Schedule, run one forward, sample: outputs for every request that advanced."""
         return self.execute(self.scheduler.schedule(token_budget))
 
-    def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        """Run one scheduled batch (from ``scheduler.schedule``) and sample."""
+    def execute(self, batch: ScheduledBatch, riders: Seq[Rider] = ()) -> list[RequestOutput]:
+        """Run one scheduled batch (from ``scheduler.schedule``), fine-tuning ``riders`` fused into its
+        forward, and sample (an empty batch: the riders run alone)."""
         if not batch.seqs:
+            for rider in riders:
+                run_rider(rider)
             return []
-        logits = self.runner.execute(batch)
+        logits = self.runner.execute(batch, riders)
         return self.process_outputs(batch, logits)
 
     def process_outputs(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:

@@ -6,6 +6,7 @@ into ``qkv_proj`` and ``gate_up_proj`` (one GEMM each); ``load_hf_state_dict`` m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from flexllm.kernels import lora_expand, lora_shrink, paged_attention, rms_norm, silu_and_mul
 from flexllm.worker.engine.context import LoRABatch, StepContext
+from flexllm.worker.engine.fused import LayerSteps, Rider, run_alone, run_fused
 from flexllm.worker.engine.lora_targets import LORA_TARGETS
 
 # architecture name -> whether q/k/v projections carry a bias
@@ -83,7 +85,15 @@ class LoRALinear(nn.Linear):
         self.lora_scaling: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out]
+        return self.add_lora(F.linear(x, self.weight, self.bias), x, lora)
+
+    def steps(self, x: torch.Tensor, lora: LoRABatch | None) -> LayerSteps:
+        """``forward`` with the base GEMM left to the driver (see ``fused``)."""
+        y = yield self, x
+        return self.add_lora(y, x, lora)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        """Add each token's adapter slot's delta to the base output y [T, out] (in place)."""
         if lora is not None:
             for name, lora_a in self.lora_a.items():
                 start, end = self.out_slices[name]
@@ -137,9 +147,10 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, H_kv, D], set by the model runner
         self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def steps(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> LayerSteps:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x, ctx.lora).split(
+        qkv = yield from self.qkv_proj.steps(x, ctx.lora)
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1,
         )
@@ -151,7 +162,7 @@ class Attention(nn.Module):
         out = paged_attention(
             q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.context_lens, self.scale
         )
-        return self.o_proj(out.reshape(T, -1), ctx.lora)
+        return (yield from self.o_proj.steps(out.reshape(T, -1), ctx.lora))
 
 
 class MLP(nn.Module):
@@ -161,8 +172,9 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(args.hidden_size, {"gate_proj": size, "up_proj": size})
         self.down_proj = LoRALinear(size, {"down_proj": args.hidden_size})
 
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x, lora)), lora)
+    def steps(self, x: torch.Tensor, lora: LoRABatch | None) -> LayerSteps:
+        gate_up = yield from self.gate_up_proj.steps(x, lora)
+        return (yield from self.down_proj.steps(silu_and_mul(gate_up), lora))
 
 
 class DecoderLayer(nn.Module):
@@ -174,11 +186,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(args.hidden_size))
         self.eps = args.rms_norm_eps
 
-    def forward(self, x, residual, cos, sin, ctx: StepContext):
+    def steps(self, x, residual, cos, sin, ctx: StepContext) -> LayerSteps:
+        """x, residual [T, H] -> (mlp output, residual) of the flat batch (vLLM's fused add + norm)."""
         h, residual = rms_norm(x, self.input_layernorm, self.eps, residual)
-        h = self.self_attn(h, cos, sin, ctx)
+        h = yield from self.self_attn.steps(h, cos, sin, ctx)
         h, residual = rms_norm(h, self.post_attention_layernorm, self.eps, residual)
-        return self.mlp(h, ctx.lora), residual
+        return (yield from self.mlp.steps(h, ctx.lora)), residual
 
 
 class CausalLM(nn.Module):
@@ -193,12 +206,15 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(hf_config, args.head_dim)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext, riders: Sequence[Rider] = ()) -> torch.Tensor:
+        """``riders``: fine-tuning rows that share each of their layers' projections with the batch."""
         x = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary.cos_sin(ctx.positions, x.dtype)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
+        for i, layer in enumerate(self.layers):
+            groups = [(layer.steps(x, residual, cos, sin, ctx), False)]
+            groups += [(r.layer_steps(i), r.requires_grad) for r in riders if i in r.layers]
+            x, residual = run_fused(groups)[0] if len(groups) > 1 else run_alone(groups[0][0])
         x, _ = rms_norm(x, self.norm, self.args.rms_norm_eps, residual)
         return x
 

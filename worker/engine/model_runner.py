@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import psutil
 import torch
 
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.context import LoRABatch, StepContext
+from flexllm.worker.engine.fused import Rider
 from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.engine.scheduler import ScheduledBatch
 
@@ -71,9 +73,10 @@ class ModelRunner:
         )
         return tensor(input_ids), ctx, sample_rows
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One forward over the batch -> logits [N, V] (fp32) for sequences due a new token."""
-        input_ids, ctx, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, ctx)  # [T, H]
-        return self.model.compute_logits(hidden[sample_rows])
+    def execute(self, batch: ScheduledBatch, riders: Sequence[Rider] = ()) -> torch.Tensor:
+        """One forward over the batch (fine-tuning ``riders`` fused in) -> logits [N, V] (fp32) for
+        sequences due a new token. Riders may train, so they need grad mode, not inference mode."""
+        with torch.no_grad() if riders else torch.inference_mode():
+            input_ids, ctx, sample_rows = self.prepare(batch)
+            hidden = self.model(input_ids, ctx, riders)  # [T, H]
+            return self.model.compute_logits(hidden[sample_rows])

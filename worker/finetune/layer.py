@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from flexllm.worker.engine.fused import LayerSteps, run_alone
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
 from flexllm.worker.finetune.functions import Run, chunk_attention, cross_entropy_sum, rms_norm, silu_mul
 from flexllm.worker.finetune.lora_params import LoRAWeights
@@ -56,11 +56,10 @@ class ChunkInput:
     dropout: Dropout | None
 
 
-def project(
-    module: LoRALinear, x: torch.Tensor, lora: LoRAWeights, layer: int, chunk: ChunkInput
-) -> torch.Tensor:
-    """Frozen merged projection of x [n, in] plus the LoRA deltas of its trained slices -> [n, out]."""
-    y = F.linear(x, module.weight, module.bias)
+def project(module: LoRALinear, x: torch.Tensor, lora: LoRAWeights, layer: int, chunk: ChunkInput) -> LayerSteps:
+    """Frozen merged projection of x [n, in] (left to the driver) plus the LoRA deltas of its trained
+    slices -> [n, out]."""
+    y = yield module, x
     pairs = lora.pairs(layer)
     if not any(t in pairs for t in module.out_slices):
         return y
@@ -83,11 +82,25 @@ def decoder_layer(
     v_past: torch.Tensor,
 ):
     """x [n, H] (residual stream) -> (out [n, H], k [n, H_kv, D], v [n, H_kv, D])."""
+    return run_alone(decoder_layer_steps(model, lora, layer, x, chunk, k_past, v_past))
+
+
+def decoder_layer_steps(
+    model: CausalLM,
+    lora: LoRAWeights,
+    layer: int,
+    x: torch.Tensor,
+    chunk: ChunkInput,
+    k_past: torch.Tensor,
+    v_past: torch.Tensor,
+) -> LayerSteps:
+    """``decoder_layer`` with its frozen GEMMs left to the driver (see ``engine.fused``)."""
     block, args = model.layers[layer], model.args
     attn, mlp = block.self_attn, block.mlp
     n = x.shape[0]
     h = rms_norm(x, block.input_layernorm, args.rms_norm_eps)
-    q, k, v = project(attn.qkv_proj, h, lora, layer, chunk).split(
+    qkv = yield from project(attn.qkv_proj, h, lora, layer, chunk)
+    q, k, v = qkv.split(
         [
             args.num_heads * args.head_dim,
             args.num_kv_heads * args.head_dim,
@@ -99,10 +112,10 @@ def decoder_layer(
     k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
     v = v.view(n, args.num_kv_heads, args.head_dim)
     o = chunk_attention(q, k, v, k_past, v_past, chunk.runs, attn.scale).reshape(n, -1)
-    x = x + project(attn.o_proj, o, lora, layer, chunk)
+    x = x + (yield from project(attn.o_proj, o, lora, layer, chunk))
     h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
-    gate_up = project(mlp.gate_up_proj, h, lora, layer, chunk)
-    return x + project(mlp.down_proj, silu_mul(gate_up), lora, layer, chunk), k, v
+    gate_up = yield from project(mlp.gate_up_proj, h, lora, layer, chunk)
+    return x + (yield from project(mlp.down_proj, silu_mul(gate_up), lora, layer, chunk)), k, v
 
 
 def loss_sum(model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

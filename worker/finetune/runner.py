@@ -1,7 +1,8 @@
 """``FinetuneRunner``: one FinetuneJob on the shared engine model, driven by token budgets.
 
-Each ``run_work(budget)`` call does one unit of the current micro-batch (its sequences packed into
-one stream, see ``work``): forward or backward; when the step's last micro-batch finishes
+Each ``run_work(budget)`` call (or ``plan_work`` + ``finish_work`` around a fused inference forward)
+does one unit of the current micro-batch (its sequences packed into one stream, see ``work``):
+forward or backward; when the step's last micro-batch finishes
 backward the optimizer steps, and every
 ``publish.everySteps`` steps (and at the end) a new adapter version is written with the
 checkpoint (optimizer, schedule, step, data position, RNG) needed to resume exactly there.
@@ -15,13 +16,14 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from flexllm.worker.adapters.store import AdapterStore
+from flexllm.worker.engine.fused import run_rider
 from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.finetune.data import (
     DataPosition,
@@ -32,7 +34,7 @@ from flexllm.worker.finetune.data import (
 from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.finetune.work import BatchWork
+from flexllm.worker.finetune.work import BatchWork, Unit
 
 TRAINER_STATE = "trainer_state.pt"
 METADATA = "metadata.json"  # step, loss, tokens, time of a version
@@ -45,6 +47,7 @@ class WorkDone:
     step_finished: bool = False
     loss: float | None = None  # the finished step's loss
     version: int | None = None  # the adapter version published after this work
+    trained_tokens: int = 0  # tokens whose forward this work completed (a throughput that counts each once)
 
 
 class FinetuneRunner:
@@ -94,6 +97,7 @@ class FinetuneRunner:
         self._step_index = 0  # sequences of the current step started so far (dropout keys)
         self._step_loss = 0.0
         self._step_tokens = 0
+        self._began = 0.0  # when the unit in progress was planned
         torch.manual_seed(training.seed)
         if resume and self.latest_folder() is not None:
             self.resume()
@@ -110,17 +114,32 @@ class FinetuneRunner:
         return self._work is None or self._work.next_is_backward
 
     def run_work(self, token_budget: int) -> WorkDone:
-        """Do one forward or backward unit costing up to ``token_budget`` tokens."""
+        """Do one forward or backward unit costing up to ``token_budget`` tokens, on its own."""
+        unit = self.plan_work(token_budget)
+        if unit is None:
+            return WorkDone(0, "idle")
+        run_rider(unit)
+        return self.finish_work(unit)
+
+    def plan_work(self, token_budget: int) -> Unit | None:
+        """The next unit (None: the job is done). Run its layers, alone or riding an inference forward
+        (``LLMEngine.execute(batch, riders)``), then ``finish_work`` it before planning another."""
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         if self.done:
-            return WorkDone(0, "idle")
-        began = time.perf_counter()
-        work = self._work or self._next_batch()
-        result = WorkDone(*work.unit(token_budget))
+            return None
+        self._began = time.perf_counter()
+        return (self._work or self._next_batch()).plan(token_budget)
+
+    def finish_work(self, unit: Unit) -> WorkDone:
+        """Backpropagate and account a planned unit whose layers ran (the optimizer steps and versions
+        publish as micro-batches and steps complete)."""
+        work = self._work
+        work.finish(unit)
+        result = WorkDone(unit.cost, unit.kind, trained_tokens=unit.trained)
         if work.finished:
             result = self._batch_finished(work, result)
-        self.busy_seconds += time.perf_counter() - began
+        self.busy_seconds += time.perf_counter() - self._began
         return result
 
     def _next_batch(self) -> BatchWork:
@@ -158,7 +177,7 @@ class FinetuneRunner:
         version = None
         if self.step % self.job.publish.every_steps == 0 or self.done:
             version = self.publish()
-        return WorkDone(result.tokens, result.kind, True, self.loss, version)
+        return replace(result, step_finished=True, loss=self.loss, version=version)
 
     # -- progress, versions, checkpoints -----------------------------------------------------
     @property

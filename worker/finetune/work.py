@@ -20,11 +20,14 @@ forward: a "tail" unit runs it from the embeddings with the graph and backpropag
 group that fits the budget is a single tail unit: no rematerialization at all). Every term of the
 full gradient is produced exactly once, so the result does not depend on how units are cut.
 
-Unit sizes: a unit of w tokens through k of the L layers costs ceil(w k / L) tokens. A budget b at
-least the ``window`` runs b tokens through all layers; a smaller one starts a span of
-min(window, b L) tokens and runs it through the few layers it pays for (cheaper than all layers
-of b tokens). A span in progress that one layer of exceeds a later, smaller budget is split: its
-first (forward) or last (backward) b L tokens go on alone, so no unit costs more than its budget.
+Unit sizes: a unit of w tokens through k of the L layers costs ceil((w k + t h) / L) tokens, where
+the loss (LM head forward and backward over the unit's t target tokens, in units at the top only)
+counts as h = head_layers layers (its weights over one layer's). A budget b at least the
+``window`` runs b tokens through all layers; a smaller one starts a span of min(window, b L)
+tokens and runs it through the few layers it pays for (cheaper than all layers of b tokens). A
+span in progress that one layer of exceeds a later, smaller budget is split: its first (forward)
+or last (backward) tokens that fit go on alone, so no unit costs more than its budget (but for the
+least unit, one token through one layer, should its loss alone cost more).
 """
 
 from __future__ import annotations
@@ -32,16 +35,40 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from flexllm.worker.engine.model import CausalLM
+from flexllm.worker.engine.fused import LayerSteps, run_rider
+from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.finetune.data import TrainingSequence
-from flexllm.worker.finetune.layer import ChunkInput, Dropout, decoder_layer, loss_sum
+from flexllm.worker.finetune.layer import ChunkInput, Dropout, decoder_layer_steps, loss_sum
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
 DEFAULT_WINDOW = 256  # most tokens of a group of sequences; span of layer-blocked units for small budgets
+
+
+@dataclass
+class Unit:
+    """One planned work unit: its rows' code for each of ``layers`` (an ``engine.fused.Rider``), then
+    ``finish`` (the backward pass and bookkeeping) once those layers ran."""
+
+    kind: Literal["forward", "backward"]
+    cost: int  # tokens: a unit of w tokens through k of the L layers costs ceil(w k / L)
+    layers: range
+    requires_grad: bool
+    layer_steps: Callable[[int], LayerSteps]
+    finish: Callable[[], None] = lambda: None
+    trained: int = 0  # tokens (all-layer equivalents) whose forward this unit completes, tail units included
+
+
+def head_cost_in_layers(args: ModelArgs) -> float:
+    """The LM head's weights over one decoder layer's: what the loss of one token costs, in layers."""
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    layer = args.hidden_size * (q + 2 * kv) + q * args.hidden_size + 3 * args.hidden_size * args.intermediate_size
+    return args.vocab_size * args.hidden_size / layer
 
 
 def _packed(seqs: list[TrainingSequence], keys: list[int]) -> dict[str, list[int]]:
@@ -73,6 +100,7 @@ class BatchWork:
         dropout: float = 0.0,
         dropout_keys: list[int] | None = None,
         window: int | None = None,
+        head_layers: float | None = None,
     ):
         self.model, self.lora, self.loss_scale, self.dropout = model, lora, loss_scale, dropout
         self.window = window or DEFAULT_WINDOW
@@ -83,6 +111,9 @@ class BatchWork:
         self.positions, self.keys = cols["positions"], cols["keys"]
         self.bounds = list(itertools.accumulate((len(s) for s in seqs), initial=0))  # sequence i: [b_i, b_i+1)
         self.num_layers, self.length = args.num_layers, self.token_ids.shape[0]
+        self.head_layers = head_cost_in_layers(args) if head_layers is None else head_layers
+        # target tokens before stream index i (the loss's rows in a range)
+        self._targets_before = list(itertools.accumulate((t != -100 for t in cols["targets"].tolist()), initial=0))
         # the group of whole sequences in progress: forward, then backward, then the next group
         self.group_start = self.group_end = 0
         self.forward_pos = 0  # tokens of the group through every layer (from group_start)
@@ -109,16 +140,26 @@ class BatchWork:
         return self.forward_done or (not self._ahead and self.group_end - self.forward_pos <= self.window)
 
     def unit(self, budget: int) -> tuple[int, Literal["forward", "backward"]]:
-        """One unit costing at most ``budget`` tokens."""
+        """Run one unit costing at most ``budget`` tokens on its own -> (cost, kind)."""
+        unit = self.plan(budget)
+        run_rider(unit)
+        return self.finish(unit)
+
+    def plan(self, budget: int) -> Unit:
+        """The next unit, costing at most ``budget`` tokens: run its layers (alone or riding an inference
+        forward), then ``finish`` it before planning the next."""
         if self.forward_done:
-            result = self._backward_unit(budget), "backward"
-        elif not self._ahead and self.group_end - self.forward_pos <= min(budget, self.window):
-            result = self._tail_unit(), "backward"
-        else:
-            result = self._forward_unit(budget), "forward"
+            return self._backward_unit(budget)
+        if not self._ahead and self._tail_fits(budget):
+            return self._tail_unit()
+        return self._forward_unit(budget)
+
+    def finish(self, unit: Unit) -> tuple[int, Literal["forward", "backward"]]:
+        """Complete a unit whose layers ran -> (cost, kind)."""
+        unit.finish()
         if self.window_end == self.group_start and not self._behind and self.group_end < self.length:
             self._next_group()
-        return result
+        return unit.cost, unit.kind
 
     def _next_group(self) -> None:
         """Start the next run of whole sequences of up to ``window`` tokens (at least one sequence).
@@ -150,8 +191,16 @@ class BatchWork:
     def _span(self, budget: int, available: int) -> int:
         return min(available, max(budget, min(self.window, budget * self.num_layers)))
 
-    def _cost(self, width: int, layers: int) -> int:
-        return math.ceil(width * layers / self.num_layers)
+    def _cost(self, width: int, layers: int, head: float = 0.0) -> int:
+        return math.ceil((width * layers + head) / self.num_layers)
+
+    def _head(self, start: int, end: int) -> float:
+        """Layer-tokens of the loss over the targets among tokens [start, end)."""
+        return (self._targets_before[end] - self._targets_before[start]) * self.head_layers
+
+    def _tail_fits(self, budget: int) -> bool:
+        start, end = self.forward_pos, self.group_end
+        return end - start <= self.window and self._cost(end - start, self.num_layers, self._head(start, end)) <= budget
 
     def _chunk(self, start: int, end: int) -> tuple[ChunkInput, int]:
         """The chunk's inputs and ``lo``, the stream index of its first sequence's first token."""
@@ -167,14 +216,14 @@ class BatchWork:
             runs.append((s0 - lo, max(s0, start) - lo, min(s1, end) - lo))
         return ChunkInput(cos, sin, runs, dropout), lo
 
-    # -- forward -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward_unit(self, budget: int) -> int:
+    # -- forward ---------------------------------------------------------------------------
+    def _forward_unit(self, budget: int) -> Unit:
         if not self._ahead:  # a new chunk; it stops short of a window-sized tail for the tail unit
             start, left = self.forward_pos, self.group_end - self.forward_pos
             width = self._span(budget, left)
             end = start + (min(width, left - self.window) if left > self.window else width)
-            self.checkpoints[0, self._rows(start, end)] = self.model.embed_tokens(self.token_ids[start:end])
+            with torch.no_grad():
+                self.checkpoints[0, self._rows(start, end)] = self.model.embed_tokens(self.token_ids[start:end])
             self._ahead = [(start, end, 0)]
         start, end, first = self._ahead.pop(0)
         layers = budget * self.num_layers // (end - start)
@@ -182,82 +231,102 @@ class BatchWork:
             self._ahead.insert(0, (start + budget * self.num_layers, end, first))
             end, layers = start + budget * self.num_layers, 1
         layers = min(layers, self.num_layers - first)
-        chunk, lo = self._chunk(start, end)
-        x = self.checkpoints[first, self._rows(start, end)]  # [n, H]
-        for layer in range(first, first + layers):
-            past, rows = self._rows(lo, start), self._rows(start, end)
-            x, k, v = decoder_layer(self.model, self.lora, layer, x, chunk, self.k[layer, past], self.v[layer, past])
-            self.k[layer, rows], self.v[layer, rows] = k, v
-            if layer + 1 < self.num_layers:
-                self.checkpoints[layer + 1, rows] = x
         if first + layers < self.num_layers:
             self._ahead.insert(0, (start, end, first + layers))
         else:
             self.forward_pos = end
-        return self._cost(end - start, layers)
+        chunk, lo = self._chunk(start, end)
+        past, rows = self._rows(lo, start), self._rows(start, end)
+
+        def layer_steps(layer: int) -> LayerSteps:
+            x = self.checkpoints[layer, rows]  # [n, H]: the embeddings or the layer below's output
+            x, k, v = yield from decoder_layer_steps(
+                self.model, self.lora, layer, x, chunk, self.k[layer, past], self.v[layer, past]
+            )
+            self.k[layer, rows], self.v[layer, rows] = k, v
+            if layer + 1 < self.num_layers:
+                self.checkpoints[layer + 1, rows] = x
+
+        cost = self._cost(end - start, layers)
+        return Unit("forward", cost, range(first, first + layers), False, layer_steps, trained=cost)
 
     # -- backward ----------------------------------------------------------------------------
-    def _tail_unit(self) -> int:
+    def _tail_unit(self) -> Unit:
         """Forward the rest of the group with the graph, all layers, and backpropagate it."""
         start, end = self.forward_pos, self.group_end
         with torch.no_grad():
             x_in = self.model.embed_tokens(self.token_ids[start:end])
         self.forward_pos, self.window_end = end, start
-        self._backward_layers(start, end, 0, self.num_layers, x_in, None)
-        return end - start
+        unit = self._backward_layers(start, end, 0, self.num_layers, x_in, None)
+        unit.trained = end - start
+        return unit
 
-    def _backward_unit(self, budget: int) -> int:
+    def _backward_unit(self, budget: int) -> Unit:
         if not self._behind:  # a new window
             width = self._span(budget, self.window_end - self.group_start)
             self.window_end -= width
             self._behind = [(self.window_end, self.window_end + width, self.num_layers, None)]
         start, end, top, grad = self._behind.pop(0)
-        layers = budget * self.num_layers // (end - start)
-        if layers == 0:  # split: the last b L tokens go one layer down
-            cut = end - budget * self.num_layers
+        head = self._head if top == self.num_layers else lambda a, b: 0.0
+        layers = max(0, int((budget * self.num_layers - head(start, end)) // (end - start)))
+        if layers == 0 and end - start > 1:  # split: the last tokens that fit one layer (with their loss) go down
+            cut = end - 1
+            while cut - 1 > start and (end - cut + 1) + head(cut - 1, end) <= budget * self.num_layers:
+                cut -= 1
             left, right = (None, None) if grad is None else (grad[: cut - start], grad[cut - start :])
             self._behind.insert(0, (start, cut, top, left))
-            start, grad, layers = cut, right, 1
+            start, grad = cut, right
+        layers = max(layers, 1)
         bottom = top - min(layers, top)
-        grad = self._backward_layers(start, end, bottom, top, self.checkpoints[bottom, self._rows(start, end)], grad)
-        if bottom > 0:
-            self._behind.insert(0, (start, end, bottom, grad))
-        return self._cost(end - start, top - bottom)
+        return self._backward_layers(start, end, bottom, top, self.checkpoints[bottom, self._rows(start, end)], grad)
 
     def _backward_layers(
         self, start: int, end: int, bottom: int, top: int, x_in: torch.Tensor, grad_top: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Recompute layers [bottom, top) of [start, end) from x_in [w, H] and backpropagate.
+    ) -> Unit:
+        """Recompute layers [bottom, top) of [start, end) from x_in [w, H] with the graph, then
+        backpropagate (``finish``).
 
-        ``grad_top`` [w, H]: the gradient of layer ``top``'s input (None at the top: the loss).
-        Returns the gradient of x_in (None for layer 0, whose input gradient is not needed).
+        ``grad_top`` [w, H]: the gradient of layer ``top``'s input (None at the top: the loss). The
+        gradient of x_in (for layers below ``bottom``) goes back on the backward pieces in progress.
         """
         chunk, lo = self._chunk(start, end)
         past_rows, rows = self._rows(lo, start), self._rows(start, end)
         x_in = x_in.detach().requires_grad_(bottom > 0)
-        x, outputs, grads, past = x_in, [], [], []
-        with torch.enable_grad():
-            for layer in range(bottom, top):
-                k_past = self.k[layer, past_rows].detach().requires_grad_(start > lo)
-                v_past = self.v[layer, past_rows].detach().requires_grad_(start > lo)
-                x, k, v = decoder_layer(self.model, self.lora, layer, x, chunk, k_past, v_past)
-                outputs += [k, v]
-                grads += [self.dk[layer, rows], self.dv[layer, rows]]
-                past.append((layer, k_past, v_past))
-            if top == self.num_layers:
-                loss = loss_sum(self.model, x, self.targets[start:end])
-                self.loss_sum += loss.item()
-                outputs.append(loss * self.loss_scale)
-                grads.append(torch.ones_like(loss))
-            else:
-                outputs.append(x)
-                grads.append(grad_top)
-            leaves = [x_in] if bottom > 0 else []
-            leaves += [t for _, kp, vp in past for t in (kp, vp) if start > lo]
-            leaves += [p for layer in range(bottom, top) for p in self.lora.layer_parameters(layer)]
-            torch.autograd.backward(outputs, grads, inputs=leaves)
-        if start > lo:
-            for layer, k_past, v_past in past:
-                self.dk[layer, past_rows] += k_past.grad
-                self.dv[layer, past_rows] += v_past.grad
-        return x_in.grad
+        recomputed = {"x": x_in}
+        outputs, grads, past = [], [], []
+
+        def layer_steps(layer: int) -> LayerSteps:
+            k_past = self.k[layer, past_rows].detach().requires_grad_(start > lo)
+            v_past = self.v[layer, past_rows].detach().requires_grad_(start > lo)
+            x, k, v = yield from decoder_layer_steps(
+                self.model, self.lora, layer, recomputed["x"], chunk, k_past, v_past
+            )
+            recomputed["x"] = x
+            outputs.extend((k, v))
+            grads.extend((self.dk[layer, rows], self.dv[layer, rows]))
+            past.append((layer, k_past, v_past))
+
+        def finish() -> None:
+            with torch.enable_grad():
+                if top == self.num_layers:
+                    loss = loss_sum(self.model, recomputed["x"], self.targets[start:end])
+                    self.loss_sum += loss.item()
+                    outputs.append(loss * self.loss_scale)
+                    grads.append(torch.ones_like(loss))
+                else:
+                    outputs.append(recomputed["x"])
+                    grads.append(grad_top)
+                leaves = [x_in] if bottom > 0 else []
+                leaves += [t for _, kp, vp in past for t in (kp, vp) if start > lo]
+                leaves += [p for layer in range(bottom, top) for p in self.lora.layer_parameters(layer)]
+                live = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+                torch.autograd.backward([o for o, _ in live], [g for _, g in live], inputs=leaves)
+            if start > lo:
+                for layer, k_past, v_past in past:
+                    self.dk[layer, past_rows] += k_past.grad
+                    self.dv[layer, past_rows] += v_past.grad
+            if bottom > 0:
+                self._behind.insert(0, (start, end, bottom, x_in.grad))
+
+        cost = self._cost(end - start, top - bottom, self._head(start, end) if top == self.num_layers else 0)
+        return Unit("backward", cost, range(bottom, top), True, layer_steps, finish)
