@@ -6,7 +6,7 @@ CPU are derived from the measured single-request latency and written into the ou
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 0.5,1,2] [--duration 20] [--traces poisson,bursty]
+    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--traces poisson,bursty]
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def run_separate(args, slo: SLO, trace_kind: str, rate: float) -> dict:
     procs = [subprocess.Popen([*common, "--child", kind], stdout=subprocess.PIPE, text=True)
              for kind in ("inference", "finetune")]
     inf, ft = (json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
-    return {"policy": "separate", "slo_attainment": inf["slo_attainment"], "requests": inf["requests"],
+    return {"policy": "separate", "temporal_period": None, "slo_attainment": inf["slo_attainment"],
+            "requests": inf["requests"],
             "finetune_tokens_per_s": ft["finetune_tokens_per_s"],
             "inference_tokens_per_s": inf["inference_tokens_per_s"]}
 
@@ -187,8 +188,10 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (policy, period), style in {("coserve", None): "o-", ("temporal", 2): "s--", ("temporal", 4): "s:",
-                                    ("separate", None): "^-.", ("inference-only", None): "x-"}.items():
+    periods = sorted({r["temporal_period"] for r in rows if r["policy"] == "temporal"})
+    styles = {("coserve", None): "o-", ("separate", None): "^-.", ("inference-only", None): "x-",
+              **{("temporal", p): f"s{':' if i % 2 else '--'}" for i, p in enumerate(periods)}}
+    for (policy, period), style in styles.items():
         for trace in sorted({r["trace"] for r in rows}):
             pts = sorted((r["rate"], r) for r in rows if r["policy"] == policy and r["trace"] == trace
                          and r.get("temporal_period") == period)
@@ -216,10 +219,10 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rates", default="0.5,1,2")
+    parser.add_argument("--rates", default="0.5,1,2,4")
     parser.add_argument("--traces", default="poisson,bursty")
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--temporal-periods", default="2,4")
+    parser.add_argument("--temporal-periods", default="2,4,8,16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=["inference", "finetune"])
     parser.add_argument("--threads", type=int)

@@ -1,7 +1,8 @@
 """The serving loop: Redis request stream -> ``engine.step()`` -> per-request output streams.
 
-One ``ServingLoop`` per engine (replica). ``run_once`` is one iteration; ``engine_step`` is the seam
-where co-serving fuses fine-tuning work into the iteration (``JobHandler.run_work`` until then).
+One ``ServingLoop`` per engine (replica). ``run_once`` is one iteration; ``engine_step`` hands it to
+the job handler (``coserve.jobs``), whose co-serving step fuses fine-tuning work into the inference
+forward, or runs inference alone without one.
 """
 
 from __future__ import annotations

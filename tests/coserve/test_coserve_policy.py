@@ -99,6 +99,10 @@ def test_baseline_policies():
     temporal = scheduler(policy="temporal", temporal_period=3)
     budgets = [temporal.inference_budget(busy, True) for _ in range(6)]
     assert budgets == [256, 256, 0, 256, 256, 0]
+    turn = temporal.finetune_budget(IterationShape(), "finetune_forward_tokens", False)
+    assert turn == int((SLO_50MS.tpot_s * 0.85 - 0.010) / 0.0001)  # a turn lasts one iteration's target
+    assert temporal.finetune_budget(IterationShape(inference_tokens=104), "finetune_forward_tokens", False) == 0
+    assert temporal.finetune_budget(IterationShape(), "finetune_forward_tokens", True) == 512  # idle: all
     with pytest.raises(ValueError, match="unknown policy"):
         scheduler(policy="fastest")
 
@@ -131,6 +135,23 @@ def test_latency_model_refits_to_measurements():
     model.fit()
     for got, want in zip(model.coef, [0.005, 2e-4, 1e-6, 3e-4, 6e-4, 0.01]):
         assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_underpredicted_backward_iterations_shrink_backward_budgets_only():
+    model = latency()
+    model.refit_every = 10**9  # the coefficients stay put; only the error margins move
+    sched = scheduler(model)
+    shape = IterationShape(inference_tokens=40)
+    before = {k: sched.finetune_budget(shape, k, idle=False) for k in ("finetune_forward_tokens",
+                                                                       "finetune_backward_tokens")}
+    for _ in range(20):  # backward iterations run 10 ms over the model, the others on it
+        with_backward = IterationShape(inference_tokens=40, finetune_backward_tokens=50)
+        model.observe(with_backward, model.predict(with_backward) + 0.010)
+        model.observe(shape, model.predict(shape))
+    assert model.error_margin(backward=True) == pytest.approx(0.010)
+    assert sched.finetune_budget(shape, "finetune_forward_tokens", idle=False) == before["finetune_forward_tokens"]
+    assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == int(
+        (SLO_50MS.tpot_s * 0.85 - model.predict(shape) - 0.010) / model.coef[4]) < before["finetune_backward_tokens"]
 
 
 def test_requests_ahead_of_their_tpot_pace_lend_finetuning_longer_iterations():

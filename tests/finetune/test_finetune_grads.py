@@ -165,7 +165,7 @@ def test_units_riding_inference_forwards_match_hf_peft_and_leave_inference_uncha
 
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
-    outputs, fused, loss = {}, {"forward": 0, "backward": 0}, 0.0
+    outputs, fused, loss, trained = {}, {"forward": 0, "backward": 0}, 0.0, 0.0
     for i, batch_seqs in enumerate(batches):
         work = BatchWork(engine.model, lora, batch_seqs, 1.0 / num_targets, 0.0, [10 * i + j for j in
                                                                                   range(len(batch_seqs))], 16)
@@ -175,10 +175,12 @@ def test_units_riding_inference_forwards_match_hf_peft_and_leave_inference_uncha
             fused[unit.kind] += bool(batch.seqs)
             outputs.update((out.request_id, out.token_ids) for out in engine.execute(batch, [unit]))
             work.finish(unit)
+            trained += unit.trained
         loss += work.loss_sum / num_targets
     while engine.has_unfinished_requests():
         outputs.update((out.request_id, out.token_ids) for out in engine.step())
     assert fused["forward"] > 0 and fused["backward"] > 0
+    assert trained == pytest.approx(sum(len(s) for s in seqs))  # each token counted once, forward + backward
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == alone
     assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
     assert max_rel_error(our_grads(lora), peft_grads(peft, lora)) <= 1e-4

@@ -39,7 +39,7 @@ class JobWork:
 
     forward_tokens: int = 0
     backward_tokens: int = 0
-    trained_tokens: int = 0  # tokens whose forward completed (fine-tuning throughput counts these)
+    trained_tokens: float = 0.0  # training progress in tokens (fine-tuning throughput counts these)
     units: int = 0
     steps_finished: int = 0
     loss: float | None = None
@@ -168,27 +168,15 @@ class CoServingEngine:
         budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
         batch = self.engine.scheduler.schedule(budget) if budget > 0 else ScheduledBatch()
         shape = _inference_shape(batch)
-        shares, ft_budget = {}, 0
-        if active:
-            kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
-            ft_budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
-            shares = self.share.split(ft_budget, {n: j.weight for n, j in active.items()})
+        ft_budget, shares = self._finetune_shares(shape, demand, active)
         units = {}
         for name, tokens in shares.items():
             unit = self._guarded(name, active[name].runner.plan_work, tokens) if tokens > 0 else None
             if unit is not None:
                 units[name] = unit
         outputs = self._execute(batch, units)
-        finetune: dict[str, JobWork] = {}
-        for name, unit in units.items():
-            work = finetune[name] = JobWork()
-            done = self._guarded(name, active[name].runner.finish_work, unit)
-            if done is not None:
-                work.add(done, own_pass=not batch.seqs or done.kind == "backward")
-                if not batch.seqs:  # nothing to ride on: more units alone until the share is spent
-                    self._guarded(name, _spend, active[name].runner, shares[name] - done.tokens, work)
-        for name, work in finetune.items():
-            self.share.charge(name, work.tokens)
+        finetune = {name: self._finish(name, active[name].runner, unit, shares[name], alone=not batch.seqs)
+                    for name, unit in units.items()}
         fwd = sum(w.forward_tokens for w in finetune.values())
         bwd = sum(w.backward_tokens for w in finetune.values())
         units_run = sum(w.units for w in finetune.values())
@@ -201,6 +189,26 @@ class CoServingEngine:
             if out.finished:
                 self.slo_tracker.record(out, now)
         return IterationResult(outputs, finetune, shape, seconds, ft_budget)
+
+    def _finetune_shares(self, shape: IterationShape, demand: InferenceDemand, active: dict[str, Job]):
+        """-> (the fine-tuning budget left after the scheduled inference, each job's share of it)."""
+        if not active:
+            return 0, {}
+        kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
+        budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
+        return budget, self.share.split(budget, {name: job.weight for name, job in active.items()})
+
+    def _finish(self, name: str, runner: FinetuneRunner, unit: Unit, share: int, alone: bool) -> JobWork:
+        """Backpropagate a job's unit once the forward ran; with no inference batch (``alone``), more
+        units on their own until its share is spent. Charges the job what it spent."""
+        work = JobWork()
+        done = self._guarded(name, runner.finish_work, unit)
+        if done is not None:
+            work.add(done, own_pass=alone or done.kind == "backward")
+            if alone:
+                self._guarded(name, _spend, runner, share - done.tokens, work)
+        self.share.charge(name, work.tokens)
+        return work
 
     def _execute(self, batch: ScheduledBatch, units: dict[str, Unit]) -> list[RequestOutput]:
         """The fused forward. Should fine-tuning work break it, its jobs fail and inference runs alone."""

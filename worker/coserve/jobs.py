@@ -61,8 +61,9 @@ class CoServingJobs:
         for name, work in result.finetune.items():
             if self.metrics is not None:
                 self.metrics.tokens.labels("finetune").inc(work.trained_tokens)
-            if work.steps_finished:
-                self._report(name, self.coserve.jobs[name].runner, "Running")
+            job = self.coserve.jobs.get(name)  # None: it failed in this iteration
+            if work.steps_finished and job is not None:
+                self._report(name, job.runner, "Running")
         for name, error in self.coserve.failed.items():
             self.coserve.remove_job(name)
             self._end(name, self.entries.pop(name, None), "Failed", error)

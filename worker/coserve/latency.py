@@ -7,7 +7,8 @@
 
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
 model stays monotone and can be inverted into a token budget. Budgets also leave room for the
-model's recent error (the 90th percentile of its under-predictions), so a biased fit does not turn
+model's recent error (the 90th percentile of its under-predictions, kept apart for iterations with
+backward work, whose units the linear model prices least well), so a biased fit does not turn
 into missed SLOs.
 """
 
@@ -39,7 +40,8 @@ class IterationShape:
 class LatencyModel:
     def __init__(self, window: int = 256, refit_every: int = 16, error_window: int = 64):
         self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
-        self.errors: deque[float] = deque(maxlen=error_window)  # measured - predicted, seconds
+        # measured - predicted seconds, for iterations without / with fine-tuning backward work
+        self.errors = {False: deque(maxlen=error_window), True: deque(maxlen=error_window)}
         self.refit_every = refit_every
         self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
@@ -48,7 +50,7 @@ class LatencyModel:
         return sum(c * x for c, x in zip(self.coef, shape.vector()))
 
     def observe(self, shape: IterationShape, seconds: float) -> None:
-        self.errors.append(seconds - self.predict(shape))
+        self.errors[shape.finetune_backward_tokens > 0].append(seconds - self.predict(shape))
         self.samples.append((shape.vector(), seconds))
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
@@ -74,11 +76,13 @@ class LatencyModel:
                 return
             active = [a for a in active if a not in negative]
 
-    def error_margin(self) -> float:
-        """How much the model recently under-predicted (90th percentile, >= 0)."""
-        if len(self.errors) < 8:
+    def error_margin(self, backward: bool = False) -> float:
+        """How much the model recently under-predicted iterations with (or without) backward work
+        (90th percentile, >= 0)."""
+        errors = self.errors[backward]
+        if len(errors) < 8:
             return 0.0
-        ordered = sorted(self.errors)
+        ordered = sorted(errors)
         return max(0.0, ordered[int(0.9 * (len(ordered) - 1))])
 
     def max_extra_tokens(self, base: IterationShape, within_s: float, kind: str, cap: int,
@@ -86,7 +90,8 @@ class LatencyModel:
         """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` (plus ``fixed_s``)
         within ``within_s``."""
         per_token = self.coef[1 + FEATURES.index(kind)]
-        room = within_s - self.predict(base) - fixed_s - self.error_margin()
+        margin = self.error_margin(backward=kind == "finetune_backward_tokens")
+        room = within_s - self.predict(base) - fixed_s - margin
         if room <= 0:
             return 0
         if per_token <= 0:

@@ -5,8 +5,8 @@
 that is left, priced by the latency model. TPOT is an average over a request's tokens, so the target
 is the least slack of the running requests (time left before one falls behind its TPOT pace), at
 most ``max_target_tpots`` TPOTs: requests ahead of pace lend fine-tuning longer iterations.
-Baselines: ``temporal`` (every ``temporal_period``-th iteration is fine-tune-only), ``inference-only``,
-``finetune-only``.
+Baselines: ``temporal`` (every ``temporal_period``-th iteration is fine-tune-only, as long as an
+inference iteration may last; all of it when no request waits), ``inference-only``, ``finetune-only``.
 """
 
 from __future__ import annotations
@@ -106,12 +106,18 @@ class HybridScheduler:
         cap = self.max_finetune_tokens
         if self.policy == "inference-only":
             return 0
-        if self.policy in ("finetune-only", "temporal") or idle:
+        if self.policy == "finetune-only" or idle:
             return cap if scheduled.inference_tokens == 0 else 0
-        # a unit's own pass (a backward's backpropagation) has a fixed cost; a fused forward chunk has none
-        own_pass = kind == "finetune_backward_tokens"
+        target = self.current_target_s
+        if self.policy == "temporal":  # a fine-tuning turn lasts what one inference iteration may
+            if scheduled.inference_tokens:
+                return 0
+            target = self.target_s
+        # a unit's own pass (a backward's backpropagation, or any unit with no inference forward to
+        # ride) has a fixed cost; a forward chunk fused into the inference forward has none
+        own_pass = kind == "finetune_backward_tokens" or scheduled.inference_tokens == 0
         unit_s = self.latency.coef[1 + FEATURES.index("finetune_units")] if own_pass else 0.0
-        return self.latency.max_extra_tokens(scheduled, self.current_target_s, kind, cap, fixed_s=unit_s)
+        return self.latency.max_extra_tokens(scheduled, target, kind, cap, fixed_s=unit_s)
 
 
 class WeightedShare:

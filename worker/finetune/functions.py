@@ -47,11 +47,28 @@ class SiluMulFn(torch.autograd.Function):
 
 
 Run = tuple[int, int, int]  # one sequence's queries in a chunk: (first key, first query, query end)
+BLOCK_ROWS = 256  # runs are merged into blocks of up to this many queries, attended with one masked product
 
 
-def _causal(rows: int, cols: int, offset: int, device: torch.device) -> torch.Tensor:
-    """[rows, cols] True where query r may attend key j: j <= offset + r."""
-    return torch.arange(cols, device=device)[None, :] <= torch.arange(offset, offset + rows, device=device)[:, None]
+def _blocks(runs: list[Run]) -> list[tuple[int, int, int, list[Run]]]:
+    """Merge consecutive runs (short sequences) into blocks (first key, first query, query end, runs)
+    of at most BLOCK_ROWS queries, so a chunk of many short sequences costs a few products, not a
+    few per sequence."""
+    blocks: list[tuple[int, int, int, list[Run]]] = []
+    for run in runs:
+        if blocks and run[2] - blocks[-1][1] <= BLOCK_ROWS:
+            ks, qs, _, members = blocks[-1]
+            blocks[-1] = (ks, qs, run[2], [*members, run])
+        else:
+            blocks.append((run[0], run[1], run[2], [run]))
+    return blocks
+
+
+def _block_mask(ks: int, qs: int, qe: int, runs: list[Run], device: torch.device) -> torch.Tensor:
+    """[qe - qs, qe - ks] True where a query may attend a key: its own sequence's keys, causally."""
+    first = torch.cat([torch.full((e - q,), k - ks, device=device) for k, q, e in runs])  # [m]
+    keys = torch.arange(qe - ks, device=device)[None, :]
+    return (keys >= first[:, None]) & (keys <= torch.arange(qs - ks, qe - ks, device=device)[:, None])
 
 
 class ChunkAttentionFn(torch.autograd.Function):
@@ -60,18 +77,18 @@ class ChunkAttentionFn(torch.autograd.Function):
     q [n, H_q, D]; k_past, v_past [p, H_kv, D] (views of the stream's K/V storage, starting at the
     first token of the chunk's first sequence); k, v [n, H_kv, D]. ``runs``: per sequence in the
     chunk, (first key, first query, query end) in key coordinates (0 = first past key); each run's
-    queries attend causally to its own keys only, so no work is spent across sequences. Query head
-    h reads kv head h // (H_q / H_kv). Saves only q, k, v and the past views; backward recomputes
-    the probabilities and returns dK/dV of the past positions too, which the caller accumulates
-    for the earlier chunks.
+    queries attend causally to its own keys only (short runs are merged into masked blocks). Query
+    head h reads kv head h // (H_q / H_kv). Saves only q, k, v and the past views; backward
+    recomputes the probabilities and returns dK/dV of the past positions too, which the caller
+    accumulates for the earlier chunks.
     """
 
     @staticmethod
-    def _probs(q_r, k_r, offset: int, scale: float, groups: int) -> torch.Tensor:
-        """q_r [H_kv, g m, D], k_r [H_kv, l, D] -> fp32 probabilities [H_kv, g m, l]."""
+    def _probs(q_r, k_r, mask: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+        """q_r [H_kv, g m, D], k_r [H_kv, l, D], mask [m, l] -> fp32 probabilities [H_kv, g m, l]."""
         h_kv, rows, width = q_r.shape[0], q_r.shape[1] // groups, k_r.shape[1]
         scores = (torch.matmul(q_r, k_r.transpose(1, 2)).float() * scale).view(h_kv, groups, rows, width)
-        scores.masked_fill_(~_causal(rows, width, offset, q_r.device), float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1).view(h_kv, groups * rows, width)
 
     @staticmethod
@@ -83,13 +100,15 @@ class ChunkAttentionFn(torch.autograd.Function):
         values = torch.cat((v_past, v)).transpose(0, 1)
         qg = q.view(n, h_kv, groups, d).permute(1, 2, 0, 3)  # [H_kv, g, n, D]
         out = q.new_empty(h_kv, groups, n, d)
-        for ks, qs, qe in runs:
+        blocks = _blocks(runs)
+        for ks, qs, qe, members in blocks:
             rows = slice(qs - past, qe - past)
             q_r = qg[:, :, rows].reshape(h_kv, groups * (qe - qs), d)
-            probs = ChunkAttentionFn._probs(q_r, keys[:, ks:qe], qs - ks, scale, groups)
+            mask = _block_mask(ks, qs, qe, members, q.device)
+            probs = ChunkAttentionFn._probs(q_r, keys[:, ks:qe], mask, scale, groups)
             out[:, :, rows] = torch.matmul(probs.to(q.dtype), values[:, ks:qe]).view(h_kv, groups, qe - qs, d)
         ctx.save_for_backward(q, k, v, k_past, v_past)
-        ctx.runs, ctx.scale = runs, scale
+        ctx.blocks, ctx.scale = blocks, scale
         return out.permute(2, 0, 1, 3).reshape(n, h_q, d)  # [n, H_q, D]
 
     @staticmethod
@@ -103,16 +122,17 @@ class ChunkAttentionFn(torch.autograd.Function):
         qg, dog = (t.view(n, h_kv, groups, d).permute(1, 2, 0, 3) for t in (q, d_out))  # [H_kv, g, n, D]
         dq = torch.zeros_like(qg)
         dk, dv = torch.zeros_like(keys), torch.zeros_like(values)  # [H_kv, p+n, D]
-        for ks, qs, qe in ctx.runs:
+        for ks, qs, qe, members in ctx.blocks:
             rows, m = slice(qs - past, qe - past), qe - qs
             q_r, do_r = (t[:, :, rows].reshape(h_kv, groups * m, d) for t in (qg, dog))
             k_r, v_r = keys[:, ks:qe], values[:, ks:qe]
-            probs = ChunkAttentionFn._probs(q_r, k_r, qs - ks, ctx.scale, groups)  # [H_kv, g m, l]
-            dv[:, ks:qe] = torch.matmul(probs.to(q.dtype).transpose(1, 2), do_r)
+            mask = _block_mask(ks, qs, qe, members, q.device)
+            probs = ChunkAttentionFn._probs(q_r, k_r, mask, ctx.scale, groups)  # [H_kv, g m, l]
+            dv[:, ks:qe] += torch.matmul(probs.to(q.dtype).transpose(1, 2), do_r)
             d_probs = torch.matmul(do_r, v_r.transpose(1, 2)).float()
             d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, torch.float32).to(q.dtype)
             dq[:, :, rows] = (torch.matmul(d_scores, k_r) * ctx.scale).view(h_kv, groups, m, d)
-            dk[:, ks:qe] = torch.matmul(d_scores.transpose(1, 2), q_r) * ctx.scale
+            dk[:, ks:qe] += torch.matmul(d_scores.transpose(1, 2), q_r) * ctx.scale
         dq = dq.permute(2, 0, 1, 3).reshape(n, h_q, d)
         dk, dv = dk.transpose(0, 1), dv.transpose(0, 1)  # [p+n, H_kv, D]
         return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None

@@ -47,7 +47,7 @@ class WorkDone:
     step_finished: bool = False
     loss: float | None = None  # the finished step's loss
     version: int | None = None  # the adapter version published after this work
-    trained_tokens: int = 0  # tokens whose forward this work completed (a throughput that counts each once)
+    trained_tokens: float = 0.0  # training progress in tokens (``Unit.trained``): fine-tuning throughput
 
 
 class FinetuneRunner:

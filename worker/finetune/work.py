@@ -61,7 +61,9 @@ class Unit:
     requires_grad: bool
     layer_steps: Callable[[int], LayerSteps]
     finish: Callable[[], None] = lambda: None
-    trained: int = 0  # tokens (all-layer equivalents) whose forward this unit completes, tail units included
+    # training progress in tokens: a token is trained once it went forward and backward through every
+    # layer, so w tokens through k layers one way count w k / 2L (a tail unit, both ways, counts w)
+    trained: float = 0.0
 
 
 def head_cost_in_layers(args: ModelArgs) -> float:
@@ -248,7 +250,8 @@ class BatchWork:
                 self.checkpoints[layer + 1, rows] = x
 
         cost = self._cost(end - start, layers)
-        return Unit("forward", cost, range(first, first + layers), False, layer_steps, trained=cost)
+        trained = (end - start) * layers / (2 * self.num_layers)
+        return Unit("forward", cost, range(first, first + layers), False, layer_steps, trained=trained)
 
     # -- backward ----------------------------------------------------------------------------
     def _tail_unit(self) -> Unit:
@@ -258,7 +261,7 @@ class BatchWork:
             x_in = self.model.embed_tokens(self.token_ids[start:end])
         self.forward_pos, self.window_end = end, start
         unit = self._backward_layers(start, end, 0, self.num_layers, x_in, None)
-        unit.trained = end - start
+        unit.trained *= 2  # both ways
         return unit
 
     def _backward_unit(self, budget: int) -> Unit:
@@ -329,4 +332,5 @@ class BatchWork:
                 self._behind.insert(0, (start, end, bottom, x_in.grad))
 
         cost = self._cost(end - start, top - bottom, self._head(start, end) if top == self.num_layers else 0)
-        return Unit("backward", cost, range(bottom, top), True, layer_steps, finish)
+        trained = (end - start) * (top - bottom) / (2 * self.num_layers)
+        return Unit("backward", cost, range(bottom, top), True, layer_steps, finish, trained)
