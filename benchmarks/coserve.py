@@ -6,7 +6,7 @@ CPU are derived from the measured single-request latency and written into the ou
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--traces poisson,bursty]
+    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--min-requests 20] [--traces poisson,bursty]
 """
 
 from __future__ import annotations
@@ -130,10 +130,10 @@ def separate_child(args) -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "timeline"}))
 
 
-def run_separate(args, slo: SLO, trace_kind: str, rate: float) -> dict:
+def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) -> dict:
     threads = max(1, torch.get_num_threads() // 2)
     common = [sys.executable, __file__, "--threads", str(threads), "--slo", json.dumps(slo.__dict__),
-              "--trace", trace_kind, "--rate", str(rate), "--duration", str(args.duration), "--model", args.model]
+              "--trace", trace_kind, "--rate", str(rate), "--duration", str(duration), "--model", args.model]
     procs = [subprocess.Popen([*common, "--child", kind], stdout=subprocess.PIPE, text=True)
              for kind in ("inference", "finetune")]
     inf, ft = (json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
@@ -221,7 +221,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rates", default="0.5,1,2,4")
     parser.add_argument("--traces", default="poisson,bursty")
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (at least)")
+    parser.add_argument("--min-requests", type=float, default=20.0,
+                        help="low rates run longer: duration >= min_requests / rate")
     parser.add_argument("--temporal-periods", default="2,4,8,16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=["inference", "finetune"])
@@ -245,16 +247,17 @@ def main() -> None:
     systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
     for trace_kind in args.traces.split(","):
         for rate in map(float, args.rates.split(",")):
-            trace = make_trace(trace_kind, rate, args.duration, args.seed)
+            duration = max(args.duration, args.min_requests / rate)  # enough requests for an attainment
+            trace = make_trace(trace_kind, rate, duration, args.seed)
             for policy, period in systems:
-                row = run_system(engine, latency, slo, policy, trace, args.duration, period,
+                row = run_system(engine, latency, slo, policy, trace, duration, period,
                                  with_finetune=policy != "inference-only")
-                row.update(trace=trace_kind, rate=rate)
+                row.update(trace=trace_kind, rate=rate, duration_s=duration)
                 rows.append(row)
                 print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "
                       f"ft {row['finetune_tokens_per_s']:.1f} tok/s", flush=True)
-            sep = run_separate(args, slo, trace_kind, rate)
-            sep.update(trace=trace_kind, rate=rate)
+            sep = run_separate(args, slo, trace_kind, rate, duration)
+            sep.update(trace=trace_kind, rate=rate, duration_s=duration)
             rows.append(sep)
             print(f"{trace_kind} {rate} separate: attainment {sep['slo_attainment']:.2f}, "
                   f"ft {sep['finetune_tokens_per_s']:.1f} tok/s", flush=True)

@@ -29,6 +29,7 @@ import sys
 import torch
 from common import write_json
 
+from flexllm.worker.engine.fused import run_alone
 from flexllm.worker.engine.llm_engine import build_model
 from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.finetune.data import TrainingSequence
@@ -103,7 +104,7 @@ def pruned_bytes(model: CausalLM, lora: LoRAWeights, ids: torch.Tensor) -> int:
     with SavedBytes(_pointers(model, lora)) as saved:
         x = model.embed_tokens(ids)
         for layer in range(args.num_layers):
-            x, _, _ = decoder_layer(model, lora, layer, x, chunk, empty, empty)
+            x, _, _ = run_alone(decoder_layer(model, lora, layer, x, chunk, empty, empty))
         loss_sum(model, x, torch.roll(ids, -1))
     return saved.total
 

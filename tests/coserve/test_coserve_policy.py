@@ -148,7 +148,8 @@ def test_underpredicted_backward_iterations_shrink_backward_budgets_only():
         with_backward = IterationShape(inference_tokens=40, finetune_backward_tokens=50)
         model.observe(with_backward, model.predict(with_backward) + 0.010)
         model.observe(shape, model.predict(shape))
-    assert model.error_margin(backward=True) == pytest.approx(0.010)
+    assert model.error_margin("finetune_backward_tokens") == pytest.approx(0.010)
+    assert model.error_margin("finetune_forward_tokens") == model.error_margin() == 0
     assert sched.finetune_budget(shape, "finetune_forward_tokens", idle=False) == before["finetune_forward_tokens"]
     assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == int(
         (SLO_50MS.tpot_s * 0.85 - model.predict(shape) - 0.010) / model.coef[4]) < before["finetune_backward_tokens"]

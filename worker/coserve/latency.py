@@ -8,8 +8,8 @@
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
 model stays monotone and can be inverted into a token budget. Budgets also leave room for the
 model's recent error (the 90th percentile of its under-predictions, kept apart for iterations with
-backward work, whose units the linear model prices least well), so a biased fit does not turn
-into missed SLOs.
+fine-tuning forward or backward work, whose units a linear model prices less well than inference),
+so a biased fit does not turn into missed SLOs.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class IterationShape:
 class LatencyModel:
     def __init__(self, window: int = 256, refit_every: int = 16, error_window: int = 64):
         self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
-        # measured - predicted seconds, for iterations without / with fine-tuning backward work
-        self.errors = {False: deque(maxlen=error_window), True: deque(maxlen=error_window)}
+        # measured - predicted seconds, by the iteration's heaviest kind of work (see ``_error_kind``)
+        self.errors = {kind: deque(maxlen=error_window)
+                       for kind in ("inference_tokens", "finetune_forward_tokens", "finetune_backward_tokens")}
         self.refit_every = refit_every
         self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
@@ -50,7 +51,7 @@ class LatencyModel:
         return sum(c * x for c, x in zip(self.coef, shape.vector()))
 
     def observe(self, shape: IterationShape, seconds: float) -> None:
-        self.errors[shape.finetune_backward_tokens > 0].append(seconds - self.predict(shape))
+        self.errors[_error_kind(shape)].append(seconds - self.predict(shape))
         self.samples.append((shape.vector(), seconds))
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
@@ -76,10 +77,10 @@ class LatencyModel:
                 return
             active = [a for a in active if a not in negative]
 
-    def error_margin(self, backward: bool = False) -> float:
-        """How much the model recently under-predicted iterations with (or without) backward work
-        (90th percentile, >= 0)."""
-        errors = self.errors[backward]
+    def error_margin(self, kind: str = "inference_tokens") -> float:
+        """How much the model recently under-predicted iterations that add tokens of ``kind`` (90th
+        percentile, >= 0)."""
+        errors = self.errors[kind if kind.startswith("finetune") else "inference_tokens"]
         if len(errors) < 8:
             return 0.0
         ordered = sorted(errors)
@@ -90,10 +91,16 @@ class LatencyModel:
         """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` (plus ``fixed_s``)
         within ``within_s``."""
         per_token = self.coef[1 + FEATURES.index(kind)]
-        margin = self.error_margin(backward=kind == "finetune_backward_tokens")
+        margin = self.error_margin(kind)
         room = within_s - self.predict(base) - fixed_s - margin
         if room <= 0:
             return 0
         if per_token <= 0:
             return cap
         return max(0, min(cap, int(room / per_token)))
+
+
+def _error_kind(shape: IterationShape) -> str:
+    if shape.finetune_backward_tokens:
+        return "finetune_backward_tokens"
+    return "finetune_forward_tokens" if shape.finetune_forward_tokens else "inference_tokens"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexllm.worker.engine.fused import LayerSteps, run_alone
+from flexllm.worker.engine.fused import LayerSteps
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
 from flexllm.worker.finetune.functions import Run, chunk_attention, cross_entropy_sum, rms_norm, silu_mul
 from flexllm.worker.finetune.lora_params import LoRAWeights
@@ -80,21 +80,11 @@ def decoder_layer(
     chunk: ChunkInput,
     k_past: torch.Tensor,
     v_past: torch.Tensor,
-):
-    """x [n, H] (residual stream) -> (out [n, H], k [n, H_kv, D], v [n, H_kv, D])."""
-    return run_alone(decoder_layer_steps(model, lora, layer, x, chunk, k_past, v_past))
-
-
-def decoder_layer_steps(
-    model: CausalLM,
-    lora: LoRAWeights,
-    layer: int,
-    x: torch.Tensor,
-    chunk: ChunkInput,
-    k_past: torch.Tensor,
-    v_past: torch.Tensor,
 ) -> LayerSteps:
-    """``decoder_layer`` with its frozen GEMMs left to the driver (see ``engine.fused``)."""
+    """x [n, H] (residual stream) -> (out [n, H], k [n, H_kv, D], v [n, H_kv, D]).
+
+    A generator whose frozen GEMMs are left to the driver: ``engine.fused.run_alone`` runs it on its
+    own, ``run_fused`` next to the inference batch."""
     block, args = model.layers[layer], model.args
     attn, mlp = block.self_attn, block.mlp
     n = x.shape[0]

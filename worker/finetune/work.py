@@ -44,7 +44,7 @@ import torch
 from flexllm.worker.engine.fused import LayerSteps, run_rider
 from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.finetune.data import TrainingSequence
-from flexllm.worker.finetune.layer import ChunkInput, Dropout, decoder_layer_steps, loss_sum
+from flexllm.worker.finetune.layer import ChunkInput, Dropout, decoder_layer, loss_sum
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
 DEFAULT_WINDOW = 256  # most tokens of a group of sequences; span of layer-blocked units for small budgets
@@ -242,7 +242,7 @@ class BatchWork:
 
         def layer_steps(layer: int) -> LayerSteps:
             x = self.checkpoints[layer, rows]  # [n, H]: the embeddings or the layer below's output
-            x, k, v = yield from decoder_layer_steps(
+            x, k, v = yield from decoder_layer(
                 self.model, self.lora, layer, x, chunk, self.k[layer, past], self.v[layer, past]
             )
             self.k[layer, rows], self.v[layer, rows] = k, v
@@ -301,7 +301,7 @@ class BatchWork:
         def layer_steps(layer: int) -> LayerSteps:
             k_past = self.k[layer, past_rows].detach().requires_grad_(start > lo)
             v_past = self.v[layer, past_rows].detach().requires_grad_(start > lo)
-            x, k, v = yield from decoder_layer_steps(
+            x, k, v = yield from decoder_layer(
                 self.model, self.lora, layer, recomputed["x"], chunk, k_past, v_past
             )
             recomputed["x"] = x
