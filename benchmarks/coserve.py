@@ -187,22 +187,24 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    traces = sorted({r["trace"] for r in rows}, key=lambda t: t != "poisson")
+    fig, axes = plt.subplots(len(traces), 2, figsize=(11, 3.6 * len(traces)), squeeze=False)
     periods = sorted({r["temporal_period"] for r in rows if r["policy"] == "temporal"})
-    styles = {("coserve", None): "o-", ("separate", None): "^-.", ("inference-only", None): "x-",
-              **{("temporal", p): f"s{':' if i % 2 else '--'}" for i, p in enumerate(periods)}}
-    for (policy, period), style in styles.items():
-        for trace in sorted({r["trace"] for r in rows}):
+    systems = [("coserve", None, "o-"), ("separate", None, "^-."), ("inference-only", None, "x:"),
+               *(("temporal", p, "s--") for p in periods)]
+    colors = plt.get_cmap("tab10").colors
+    for row, trace in zip(axes, traces, strict=True):
+        for color, (policy, period, style) in zip(colors, systems):
             pts = sorted((r["rate"], r) for r in rows if r["policy"] == policy and r["trace"] == trace
                          and r.get("temporal_period") == period)
-            if not pts:
-                continue
-            label = f"{policy}{'/' + str(period) if period else ''} ({trace})"
-            axes[0].plot([p[0] for p in pts], [p[1]["finetune_tokens_per_s"] for p in pts], style, label=label)
-            axes[1].plot([p[0] for p in pts], [p[1]["slo_attainment"] for p in pts], style, label=label)
-    axes[0].set(xlabel="request rate (req/s)", ylabel="fine-tuning tokens/s", title="Fine-tuning throughput")
-    axes[1].set(xlabel="request rate (req/s)", ylabel="SLO attainment", title="SLO attainment (TTFT and TPOT)")
-    axes[0].legend(fontsize=7)
+            label = f"{policy} (FT every {period})" if period else policy
+            for ax, key in zip(row, ("finetune_tokens_per_s", "slo_attainment"), strict=True):
+                ax.plot([p[0] for p in pts], [p[1][key] for p in pts], style, color=color, label=label)
+        row[0].set(xlabel="request rate (req/s)", ylabel="fine-tuning tokens/s",
+                   title=f"Fine-tuning throughput ({trace})")
+        row[1].set(xlabel="request rate (req/s)", ylabel="SLO attainment",
+                   title=f"SLO attainment, TTFT and TPOT ({trace})", ylim=(0, 1.05))
+    axes[0][1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(RESULTS / "coserve_rates.png", dpi=110)
     if timeline_row:

@@ -24,6 +24,7 @@ from flexllm.worker.engine.llm_engine import build_model
 from flexllm.worker.finetune.data import SequenceStream
 from flexllm.worker.finetune.runner import FinetuneRunner
 from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.finetune.work import whole_budget
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "tiny.jsonl"
 BATCH_TOKENS = 512
@@ -48,9 +49,10 @@ def flexllm_tokens_per_second(model, tokenizer, job: FinetuneJobSpec, folder: Pa
     runner = FinetuneRunner(
         model, tokenizer, job, folder / f"adapters-{budget}", "bench", resume=False, backward_window=budget
     )
-    runner.run_work(budget)  # warm-up of the first unit is part of the timed busy time anyway
+    unit = whole_budget(model.args, budget)  # the loss of a unit's tokens included
+    runner.run_work(unit)  # warm-up of the first unit is part of the timed busy time anyway
     while not runner.done:
-        runner.run_work(budget)
+        runner.run_work(unit)
     return runner.progress["tokensPerSecond"]
 
 

@@ -1,6 +1,5 @@
 """Optimizer steps match HF PEFT + torch optimizers; resume continues exactly; versions serve."""
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from transformers import get_cosine_schedule_with_warmup
 from flexllm.worker.finetune.data import SequenceStream
 from flexllm.worker.finetune.runner import FinetuneRunner, train
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.finetune.work import head_cost_in_layers
+from flexllm.worker.finetune.work import whole_budget
 
 BUDGET = 16
 
@@ -39,11 +38,10 @@ def job_spec(dataset, optimizer="adamw", steps=20) -> FinetuneJobSpec:
 
 def run_collecting_losses(runner: FinetuneRunner) -> list[float]:
     losses = []
-    args = runner.model.args
-    least = math.ceil((1 + head_cost_in_layers(args)) / args.num_layers)  # one token, one layer, its loss
+    budget = whole_budget(runner.model.args, BUDGET)  # what ``train`` gives units of BUDGET tokens
     while not runner.done:
-        done = runner.run_work(BUDGET)
-        assert 0 < done.tokens <= max(BUDGET, least)
+        done = runner.run_work(budget)
+        assert 0 < done.tokens <= budget
         if done.step_finished:
             losses.append(done.loss)
     return losses

@@ -34,7 +34,7 @@ from flexllm.worker.finetune.data import (
 from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.finetune.work import BatchWork, Unit
+from flexllm.worker.finetune.work import BatchWork, Unit, whole_budget
 
 TRAINER_STATE = "trainer_state.pt"
 METADATA = "metadata.json"  # step, loss, tokens, time of a version
@@ -282,6 +282,7 @@ def train(
     runner_options.setdefault("backward_window", token_budget)
     runner = FinetuneRunner(model, tokenizer, job, adapter_root, adapter, **runner_options)
     stop = runner.total_steps if until_step is None else min(until_step, runner.total_steps)
+    budget = whole_budget(model.args, token_budget)
     while runner.step < stop:
-        runner.run_work(token_budget)
+        runner.run_work(budget)
     return runner

@@ -73,6 +73,12 @@ def head_cost_in_layers(args: ModelArgs) -> float:
     return args.vocab_size * args.hidden_size / layer
 
 
+def whole_budget(args: ModelArgs, tokens: int) -> int:
+    """The budget under which ``tokens`` tokens go forward and backward in one unit, every one's
+    loss included (fine-tuning alone, where a budget only bounds a unit's size)."""
+    return math.ceil(tokens * (args.num_layers + head_cost_in_layers(args)) / args.num_layers)
+
+
 def _packed(seqs: list[TrainingSequence], keys: list[int]) -> dict[str, list[int]]:
     """Per-token columns of the packed stream (``targets``: the token position t predicts)."""
     cols: dict[str, list[int]] = {k: [] for k in ("ids", "targets", "positions", "keys")}
