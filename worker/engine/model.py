@@ -85,15 +85,12 @@ class LoRALinear(nn.Linear):
         self.lora_scaling: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        return self.add_lora(F.linear(x, self.weight, self.bias), x, lora)
+        return run_alone(self.steps(x, lora))
 
     def steps(self, x: torch.Tensor, lora: LoRABatch | None) -> LayerSteps:
-        """``forward`` with the base GEMM left to the driver (see ``fused``)."""
+        """x [T, in] -> y [T, out]: the base GEMM is left to the driver (``fused``), then each token's
+        adapter slot's delta is added to y in place."""
         y = yield self, x
-        return self.add_lora(y, x, lora)
-
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        """Add each token's adapter slot's delta to the base output y [T, out] (in place)."""
         if lora is not None:
             for name, lora_a in self.lora_a.items():
                 start, end = self.out_slices[name]
