@@ -92,3 +92,32 @@ def test_two_jobs_share_by_weight(tiny_llama_dir, dataset, tmp_path):
         for name, work in result.finetune.items():
             done[name] += work.tokens
     assert 2.5 < done["heavy"] / done["light"] < 3.5
+
+
+def test_a_unit_that_breaks_the_fused_forward_fails_its_job_not_inference(tiny_llama_dir, dataset, tmp_path):
+    """A fine-tuning unit whose layer code raises (a stand-in for a bug) fails its job; the inference
+    batch of that iteration reruns alone and the requests finish."""
+    engine = engine_for(tiny_llama_dir)
+    co = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=0.5), max_finetune_tokens=8, latency=tight_latency())
+    runner = FinetuneRunner(engine.model, engine.tokenizer, job(dataset), tmp_path / "broken", "j", resume=False)
+    plan = runner.plan_work
+
+    def broken_plan(budget):
+        unit = plan(budget)
+
+        def layer_steps(layer):
+            raise RuntimeError("broken unit")
+            yield  # a generator, as layer code is
+
+        unit.layer_steps = layer_steps
+        return unit
+
+    runner.plan_work = broken_plan
+    co.add_job("j", runner)
+    engine.add_request("r", [101] * 6, SamplingParams(max_tokens=5, temperature=0))
+    outputs = []
+    while co.has_work():
+        outputs += co.step().outputs
+    assert co.failed == {"j": "RuntimeError: broken unit"}
+    assert "j" not in co.jobs
+    assert outputs[-1].finished and len(outputs[-1].token_ids) == 5
