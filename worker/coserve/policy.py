@@ -124,8 +124,9 @@ class WeightedShare:
     """Splits fine-tuning budgets across jobs by weight (deficit round robin).
 
     Every job earns credit in proportion to its weight; the jobs with credit left share each budget
-    (the least indebted one takes it, should none have any) and ``charge`` takes off what a job really spent, so a unit
-    that overshoots a small share is paid back later and the long-run split follows the weights.
+    (the least indebted one takes it, should none have any) and ``charge`` takes off what a job
+    really spent, so a unit that overshoots a small share is paid back later and the long-run split
+    follows the weights.
     """
 
     def __init__(self) -> None:

@@ -56,7 +56,7 @@ class Unit:
     ``finish`` (the backward pass and bookkeeping) once those layers ran."""
 
     kind: Literal["forward", "backward"]
-    cost: int  # tokens: a unit of w tokens through k of the L layers costs ceil(w k / L)
+    cost: int  # tokens: w tokens through k of the L layers, plus their loss at the top (module docstring)
     layers: range
     requires_grad: bool
     layer_steps: Callable[[int], LayerSteps]
