@@ -1,4 +1,4 @@
-"""The Helm chart with the real helm binary (.cache/bin/helm, from scripts/install_helm.sh)."""
+"""The Helm chart with the project's helm binary (.cache/bin/helm, from scripts/install_kube_tools.sh)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ..conftest import kube_tool
+
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "flexllm"
-HELM = REPO / ".cache" / "bin" / "helm"
 K8S_VERSION = "1.30.0"
 
 
 def helm(*args: str) -> str:
-    if not HELM.exists():
-        pytest.skip("no helm: run scripts/install_helm.sh")
-    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(kube_tool("helm")), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
