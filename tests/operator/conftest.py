@@ -326,6 +326,7 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         "FLEXLLM_REDIS_SECRET": "flexllm-redis",
         "FLEXLLM_ADAPTER_PVC": "flexllm-adapters",
         "FLEXLLM_SYNC_INTERVAL_S": "0.5",
+        "FLEXLLM_STATUS_INTERVAL_S": "1",
         "FLEXLLM_RETRY_DELAY_S": "1",
         "FLEXLLM_CANCEL_WAIT_S": "3",
         "FLEXLLM_PEERING": "",

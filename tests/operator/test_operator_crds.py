@@ -8,13 +8,16 @@ a real API server evaluates: tests/k8s/test_k8s_schema.py applies malformed CRs 
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kopf
 import pytest
 import yaml
 
+from flexllm.operator import handling
 from flexllm.operator import status as st
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,18 +108,23 @@ def test_printer_columns_short_names_and_category():
 
 
 def test_every_status_field_the_operator_writes_is_declared():
-    """Unknown status fields would be pruned by the API server: compare with what status.py produces."""
-    job = st.job_status("j", {}, {"phase": "Running", "step": "3", "total_steps": "6", "loss": "1.5",
-                                  "tokens_per_second": "9", "eta_seconds": "4", "message": "m"},
-                        ['{"version": 1, "step": 3, "loss": 1.5, "uri": "u", "time": "t"}'], keep_versions=2)
+    """Undeclared status fields would be pruned by the API server (and a value out of bounds rejects the
+    whole patch): every status the operator writes validates against the schema made strict."""
+    now = datetime.datetime.now(datetime.UTC)
+    job = st.job_status("j", 2, {}, {"phase": "Running", "step": "3", "total_steps": "6", "loss": "1.5",
+                                     "tokens_per_second": "9", "eta_seconds": "4", "message": "m"},
+                        ['{"version": 1, "step": 3, "loss": 1.5, "uri": "u", "time": "t"}'], 2, now, 5)
     service = st.service_status(1, {}, 1, 1, [st.replica_entry("r", {"ready": "1", "adapters": '["j@v1"]'})],
                                 [], "http://x")
-    for plural, status in (("finetunejobs", job), ("inferenceservices", service)):
+    invalid_job, invalid_service = kopf.Patch(), kopf.Patch()
+    handling.mark_not_ready(invalid_job, {}, 1, "Failed", "InvalidSpec", "lora.rank: too big", terminal=True)
+    handling.mark_not_ready(invalid_service, {}, 1, "Failed", "InvalidSpec", "replicas: below 0")
+    for plural, status in (("finetunejobs", job), ("finetunejobs", invalid_job["status"]),
+                           ("inferenceservices", service), ("inferenceservices", invalid_service["status"])):
         obj = {"apiVersion": "flexllm.ai/v1alpha1", "kind": "X", "metadata": {}, "spec": example(
             "finetunejob.yaml" if plural == "finetunejobs" else "inferenceservice.yaml")["spec"], "status": status}
         schema = crd(plural)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-        strict = make_strict(schema)
-        assert list(jsonschema.Draft4Validator(strict).iter_errors(obj)) == []
+        assert list(jsonschema.Draft4Validator(make_strict(schema)).iter_errors(obj)) == []
 
 
 def make_strict(schema: Any) -> Any:
