@@ -109,7 +109,7 @@ def compare_value(schema: dict[str, Any], annotation: Any, metadata: list[Any], 
     elif kind == "array":
         (item,) = typing.get_args(annotation)[:1]
         problems += compare_value(schema["items"], item, [], None, f"{where}[]")
-        if list(default or []) != schema.get("default", []):
+        if (None if default is None else list(default)) != schema.get("default"):
             problems.append(f"{where}: CRD default {schema.get('default')!r}, model default {default!r}")
     elif default != schema.get("default"):
         problems.append(f"{where}: CRD default {schema.get('default')!r}, model default {default!r}")
