@@ -158,6 +158,15 @@ def test_valid_resources_are_stored_with_the_models_defaults(kube):
     assert get(kube, "inferenceservices.flexllm.ai", "valid-service")["spec"]["engine"]["maxLoraRank"] == 16
 
 
+def test_a_null_max_grad_norm_is_kept_and_turns_clipping_off(kube):
+    """maxGradNorm is nullable: null survives defaulting (not replaced by 1.0) and means no clipping."""
+    job = manifest("finetunejob.yaml", "no-clip-job", lambda spec: spec["training"].update(maxGradNorm=None))
+    assert create(kube, job).returncode == 0
+    stored = get(kube, "finetunejobs", "no-clip-job")["spec"]
+    assert stored["training"]["maxGradNorm"] is None
+    assert FinetuneJobSpec.model_validate(stored).training.max_grad_norm is None
+
+
 def test_a_finetunejobs_spec_is_immutable_but_its_labels_and_status_are_not(kube):
     assert create(kube, manifest("finetunejob.yaml", "fixed-job")).returncode == 0
 
