@@ -7,7 +7,7 @@ tests/operator/test_operator_spec_sync.py compares both ways, so neither can dri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -43,10 +43,15 @@ class LoraSpec(_Spec):
     target_modules: tuple[Literal[LORA_TARGETS], ...] = Field(
         default=("q_proj", "v_proj"), min_length=1, max_length=len(LORA_TARGETS))
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
-    def _canonical_order(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(t for t in LORA_TARGETS if t in targets)  # no duplicates
+    def _known_targets(cls, targets: Any) -> Any:
+        if not isinstance(targets, list | tuple):
+            return targets  # pydantic reports the type
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+        return tuple(t for t in LORA_TARGETS if t in targets)  # canonical order, no duplicates
 
     @property
     def scaling(self) -> float:
