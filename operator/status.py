@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,13 +50,13 @@ def format_duration(seconds: float) -> str:
 
 
 def _number(raw: Mapping[str, str], key: str, kind: type = float) -> Any:
-    value = raw.get(key)
-    if value in (None, ""):
-        return None
+    """The field as a number; None when absent, unparsable or not finite (JSON has no NaN: the API
+    server would refuse the whole status patch)."""
     try:
-        return kind(float(value))
+        value = float(raw.get(key) or "")
     except ValueError:
         return None
+    return kind(value) if math.isfinite(value) else None
 
 
 def progress_status(raw: Mapping[str, str]) -> Status:
@@ -81,8 +82,7 @@ def trainer_status(progress: Mapping[str, Any], now: datetime.datetime) -> Statu
 
     Metric values are strings there; names follow its camelCase (currentStep, totalSteps).
     """
-    metrics = [{"name": name, "value": f"{progress[field]:g}" if isinstance(progress[field], float)
-                else str(progress[field])}
+    metrics = [{"name": name, "value": str(progress[field])}
                for name, field in (("loss", "loss"), ("tokensPerSecond", "tokensPerSecond"),
                                    ("currentStep", "step"), ("totalSteps", "totalSteps"))
                if field in progress]

@@ -17,6 +17,7 @@ def test_progress_maps_counts_percent_and_eta():
 
 def test_progress_tolerates_missing_and_bad_numbers():
     assert st.progress_status({"step": "", "loss": "nan?"}) == {"step": 0}
+    assert st.progress_status({"step": "2", "loss": "nan", "tokens_per_second": "inf"}) == {"step": 2}
 
 
 def test_adapter_versions_keep_the_newest():
