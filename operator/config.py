@@ -17,7 +17,8 @@ class OperatorConfig:
     worker_image: str = "ghcr.io/flexllm/flexllm-worker:0.1.0"
     worker_service_account: str = ""
     adapter_pvc: str = ""  # shared adapter store; empty: an emptyDir per pod (one-replica dev setups)
-    sync_interval_s: float = 5.0
+    sync_interval_s: float = 5.0  # how often Redis is polled for job progress and replica states
+    status_interval_s: float = 5.0  # a FinetuneJob's progress in its status changes at most this often
     retry_delay_s: float = 10.0
     cancel_wait_s: float = 60.0
     peering: str = "flexllm"  # empty: standalone (a single replica, no peering CRD needed)
@@ -37,6 +38,7 @@ class OperatorConfig:
             worker_service_account=env.get("FLEXLLM_WORKER_SERVICE_ACCOUNT", default.worker_service_account),
             adapter_pvc=env.get("FLEXLLM_ADAPTER_PVC", default.adapter_pvc),
             sync_interval_s=float(env.get("FLEXLLM_SYNC_INTERVAL_S", default.sync_interval_s)),
+            status_interval_s=float(env.get("FLEXLLM_STATUS_INTERVAL_S", default.status_interval_s)),
             retry_delay_s=float(env.get("FLEXLLM_RETRY_DELAY_S", default.retry_delay_s)),
             cancel_wait_s=float(env.get("FLEXLLM_CANCEL_WAIT_S", default.cancel_wait_s)),
             peering=env.get("FLEXLLM_PEERING", default.peering),

@@ -25,39 +25,41 @@ def post_phase_event(body: kopf.Body, phase: str, message: str) -> None:
 
 @kopf.on.resume(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
 @kopf.on.create(GROUP, PLURAL, backoff=CONFIG.retry_delay_s)
-def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
-           memo: kopf.Memo, retry: int, **_: Any) -> None:
+def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
+           patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Validates the job against its InferenceService and queues it once."""
     if status.get("phase") not in (None, "Pending"):
         return  # queued before (e.g. an operator restart): the timer follows it from here
-    job = validate(FinetuneJobSpec, spec, patch, status, phase="Failed")
+    generation = meta.get("generation")
+    job = validate(FinetuneJobSpec, spec, patch, status, generation, phase="Failed", terminal=True)
     service = memo.kube.inference_service(namespace, job.inference_service)
     if service is None:
         message = (f"InferenceService {job.inference_service!r} not found in namespace {namespace!r}; "
                    "the job is queued once it exists")
-        mark_not_ready(patch, status, "Pending", "InferenceServiceNotFound", message)
+        mark_not_ready(patch, status, generation, "Pending", "InferenceServiceNotFound", message)
         if retry == 0:
             post_phase_event(body, "Pending", message)
         raise kopf.TemporaryError(message, delay=CONFIG.retry_delay_s)
     try:
         job.check_fits(InferenceServiceSpec.model_validate(service.get("spec", {})))
     except ValueError as error:
-        mark_not_ready(patch, status, "Failed", "DoesNotFit", str(error))
+        mark_not_ready(patch, status, generation, "Failed", "DoesNotFit", str(error), terminal=True)
         post_phase_event(body, "Failed", str(error))
         raise kopf.PermanentError(str(error)) from error
     with transient_redis_errors(CONFIG.retry_delay_s):
         memo.store.submit(service_key(namespace, job.inference_service), name, namespace, dict(spec))
     message = f"queued on InferenceService {job.inference_service!r}"
-    ready = st.condition("Ready", True, "Queued", message)
-    patch.status.update(phase="Queued", message=message,
+    ready = st.condition("Ready", True, "Queued", message, generation)
+    patch.status.update(phase="Queued", message=message, observedGeneration=generation,
                         conditions=st.merge_conditions(status.get("conditions", []), ready))
     post_phase_event(body, "Queued", message)
 
 
 @kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, backoff=CONFIG.retry_delay_s)
-def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, status: kopf.Status,
-                  patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Copies the worker's progress and published adapter versions from Redis into the status."""
+def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: kopf.Meta,
+                  status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Copies the worker's progress (at most every status_interval_s) and published adapter versions
+    from Redis into the status."""
     if status.get("phase") in (None, "Pending") or status.get("completionTime"):
         return
     key = service_key(namespace, spec["inferenceService"])
@@ -66,7 +68,8 @@ def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, s
     if not raw:
         return
     keep = int(spec.get("publish", {}).get("keepVersions", 5))
-    new = st.job_status(name, status, raw, versions, keep)
+    new = st.job_status(name, meta.get("generation"), status, raw, versions, keep, st.utc_now(),
+                        CONFIG.status_interval_s)
     patch.status.update(st.changed_fields(status, new))
     if new["phase"] != status.get("phase"):
         post_phase_event(body, new["phase"], new["message"] or f"job is {new['phase'].lower()}")

@@ -14,20 +14,21 @@ from flexllm.operator.models import describe
 Spec = TypeVar("Spec", bound=BaseModel)
 
 
-def mark_not_ready(patch: kopf.Patch, old: Mapping[str, Any], phase: str, reason: str, message: str) -> None:
-    """Sets the phase, the message and Ready=False with the reason (terminal for Failed)."""
-    ready = st.condition("Ready", False, reason, message)
-    patch.status.update(phase=phase, message=message,
+def mark_not_ready(patch: kopf.Patch, old: Mapping[str, Any], generation: int | None, phase: str, reason: str,
+                   message: str, terminal: bool = False) -> None:
+    """Sets the phase, the message and Ready=False with the reason; terminal (a job's end) sets completionTime."""
+    ready = st.condition("Ready", False, reason, message, generation)
+    patch.status.update(phase=phase, message=message, observedGeneration=generation,
                         conditions=st.merge_conditions(old.get("conditions", []), ready))
-    if phase == "Failed":
+    if terminal:
         patch.status["completionTime"] = st.now_iso()
 
 
 def validate(model: type[Spec], spec: Mapping[str, Any], patch: kopf.Patch, old: Mapping[str, Any],
-             phase: str) -> Spec:
+             generation: int | None, phase: str, terminal: bool = False) -> Spec:
     """The spec as a pydantic model, or a PermanentError with Ready=False/InvalidSpec in the status."""
     try:
         return model.model_validate(dict(spec))
     except ValidationError as error:
-        mark_not_ready(patch, old, phase, "InvalidSpec", describe(error))
+        mark_not_ready(patch, old, generation, phase, "InvalidSpec", describe(error), terminal)
         raise kopf.PermanentError(f"invalid spec: {describe(error)}") from error

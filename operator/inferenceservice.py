@@ -23,7 +23,7 @@ PLURAL = "inferenceservices"
 def reconcile(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: kopf.Meta,
               status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Applies the worker Deployment and the Service; a spec change rolls the Deployment."""
-    service = validate(InferenceServiceSpec, spec, patch, status, phase="Failed")
+    service = validate(InferenceServiceSpec, spec, patch, status, meta.get("generation"), phase="Failed")
     children = [builders.build_deployment(name, namespace, service, memo.config),
                 builders.build_service(name, namespace)]
     kopf.adopt(children, owner=body)
@@ -32,7 +32,7 @@ def reconcile(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta:
     logger.info(f"applied {builders.deployment_name(name)} ({service.replicas} replicas) and Service {name}")
     patch.status.update(endpoint=builders.endpoint(namespace, name), observedGeneration=meta.get("generation"))
     if not status.get("phase") or status.get("phase") == "Failed":
-        patch.status["phase"] = "Pending"
+        patch.status.update(phase="Pending", message="")
 
 
 @kopf.timer(GROUP, PLURAL, interval=CONFIG.sync_interval_s, backoff=CONFIG.retry_delay_s)

@@ -1,7 +1,10 @@
 """Pydantic models of the custom resources' specs: the operator's own validation.
 
-The CRD schemas reject most bad input at ``kubectl apply``; these models repeat the checks
-(clusters may run with validation off, or an old CRD) and add the cross-field rules.
+The CRD schemas reject bad input at ``kubectl apply``; these models repeat the checks (an old CRD
+may still be installed) and add the one rule no schema can hold (a job's rank against its
+service's limit). Fields, types, defaults, bounds and cross-field rules are the CRDs':
+tests/operator/test_operator_spec_sync.py compares both ways. The engine defaults are the
+worker's (EngineConfig, SLO, WorkerOptions), which that test checks too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from pydantic.alias_generators import to_camel
 
 from flexllm.worker.finetune.spec import FinetuneJobSpec as WorkerJobSpec
 
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # an InferenceService's name is its Service's: DNS-1035
+URI_MAX = 4096
+
 
 class SpecModel(BaseModel):
     """camelCase in YAML, snake_case in Python; unknown fields are errors."""
@@ -21,14 +27,14 @@ class SpecModel(BaseModel):
 
 
 class ModelSource(SpecModel):
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=URI_MAX)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
 class WorkerResources(SpecModel):
     gpus: int = Field(default=1, ge=0)
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([KMGT]i?)?$")
 
 
 class Slo(SpecModel):
@@ -37,22 +43,22 @@ class Slo(SpecModel):
 
 
 class EngineLimits(SpecModel):
-    max_tokens_per_batch: int = Field(default=2048, ge=1)
+    max_tokens_per_batch: int = Field(default=256, ge=1)
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     max_loras: int = Field(default=4, ge=1)
-    max_lora_rank: int = Field(default=64, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
     policy: Literal["coserve", "temporal", "inference-only", "finetune-only"] = "coserve"
     max_finetune_tokens: int = Field(default=256, ge=1)
 
 
 class PinnedAdapter(SpecModel):
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    uri: str = Field(min_length=1)
+    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    uri: str = Field(min_length=1, max_length=URI_MAX)
 
 
 class InferenceServiceSpec(SpecModel):
     model: ModelSource
-    image: str | None = None
+    image: str | None = Field(default=None, min_length=1)
     replicas: int = Field(default=1, ge=0)
     resources: WorkerResources = WorkerResources()
     slo: Slo = Slo()
@@ -61,6 +67,9 @@ class InferenceServiceSpec(SpecModel):
 
     @model_validator(mode="after")
     def _pinned_adapters_fit(self) -> InferenceServiceSpec:
+        names = [adapter.name for adapter in self.adapters]
+        if len(set(names)) < len(names):
+            raise ValueError(f"pinned adapter names must be unique: {names}")
         if len(self.adapters) > self.engine.max_loras:
             raise ValueError(
                 f"{len(self.adapters)} pinned adapters exceed engine.maxLoras={self.engine.max_loras}"
@@ -71,7 +80,7 @@ class InferenceServiceSpec(SpecModel):
 class FinetuneJobSpec(WorkerJobSpec):
     """The worker's job spec (one definition of the fields and their checks) with the service required."""
 
-    inference_service: str = Field(min_length=1)
+    inference_service: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
 
     def check_fits(self, service: InferenceServiceSpec) -> None:
         """Fails early (instead of an OOM on the GPU) when the service cannot host this adapter."""

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flexllm.worker.protocol import TERMINAL_PHASES
 
 Status = dict[str, Any]
+MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's bound, in the CRDs
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def now_iso(now: datetime.datetime | None = None) -> str:
+    return (now or utc_now()).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(type_: str, ok: bool, reason: str, message: str = "", generation: int | None = None) -> Status:
-    result: Status = {"type": type_, "status": "True" if ok else "False", "reason": reason, "message": message}
+    """A Kubernetes-convention condition (lastTransitionTime comes from merge_conditions)."""
+    result: Status = {"type": type_, "status": "True" if ok else "False", "reason": reason,
+                      "message": message[:MAX_CONDITION_MESSAGE]}
     if generation is not None:
         result["observedGeneration"] = generation
     return result
@@ -42,13 +50,13 @@ def format_duration(seconds: float) -> str:
 
 
 def _number(raw: Mapping[str, str], key: str, kind: type = float) -> Any:
-    value = raw.get(key)
-    if value in (None, ""):
-        return None
+    """The field as a number; None when absent, unparsable or not finite (JSON has no NaN: the API
+    server would refuse the whole status patch)."""
     try:
-        return kind(float(value))
+        value = float(raw.get(key) or "")
     except ValueError:
         return None
+    return kind(value) if math.isfinite(value) else None
 
 
 def progress_status(raw: Mapping[str, str]) -> Status:
@@ -67,6 +75,31 @@ def progress_status(raw: Mapping[str, str]) -> Status:
     if eta is not None:
         progress.update(etaSeconds=eta, eta=format_duration(eta))
     return progress
+
+
+def trainer_status(progress: Mapping[str, Any], now: datetime.datetime) -> Status:
+    """status.progress as Kubeflow Trainer's trainerStatus (KEP-2779): what its dashboards read.
+
+    Metric values are strings there; names follow its camelCase (currentStep, totalSteps).
+    """
+    metrics = [{"name": name, "value": str(progress[field])}
+               for name, field in (("loss", "loss"), ("tokensPerSecond", "tokensPerSecond"),
+                                   ("currentStep", "step"), ("totalSteps", "totalSteps"))
+               if field in progress]
+    result: Status = {"metrics": metrics, "lastUpdatedTime": now_iso(now)}
+    if "percent" in progress:
+        result["progressPercentage"] = progress["percent"]
+    if "etaSeconds" in progress:
+        result["estimatedRemainingSeconds"] = max(progress["etaSeconds"], 0)
+    return result
+
+
+def progress_due(old: Mapping[str, Any], phase: str, now: datetime.datetime, interval_s: float) -> bool:
+    """Progress is rewritten at most every interval_s; a phase change always shows its latest progress."""
+    last = old.get("trainerStatus", {}).get("lastUpdatedTime")
+    if phase != old.get("phase") or not last:
+        return True
+    return (now - datetime.datetime.fromisoformat(last)).total_seconds() >= interval_s
 
 
 def version_name(version: Any) -> str:
@@ -93,20 +126,28 @@ def adapter_status(job: str, raw_versions: Sequence[str], keep: int) -> Status |
     return {"name": job, "latestVersion": latest, "latest": f"{job}@{latest}", "versions": versions[-keep:]}
 
 
-def job_status(job: str, old: Mapping[str, Any], raw: Mapping[str, str], raw_versions: Sequence[str],
-               keep_versions: int) -> Status:
-    """The FinetuneJob status patch for the worker's progress hash and published versions."""
+def job_status(job: str, generation: int | None, old: Mapping[str, Any], raw: Mapping[str, str],
+               raw_versions: Sequence[str], keep_versions: int, now: datetime.datetime,
+               interval_s: float) -> Status:
+    """The FinetuneJob status patch for the worker's progress hash and published versions.
+
+    progress and trainerStatus are left out while the last ones are younger than interval_s (see
+    progress_due), so the API server and the dashboards watching it get one update per interval.
+    """
     phase = raw.get("phase") or old.get("phase") or "Queued"
-    status: Status = {"phase": phase, "progress": progress_status(raw), "message": raw.get("message", "")}
+    status: Status = {"phase": phase, "message": raw.get("message", ""), "observedGeneration": generation}
+    if progress_due(old, phase, now, interval_s):
+        status["progress"] = progress_status(raw)
+        status["trainerStatus"] = trainer_status(status["progress"], now)
     adapter = adapter_status(job, raw_versions, keep_versions)
     if adapter is not None:
         status["adapter"] = adapter
     if phase == "Running" and not old.get("startTime"):
-        status["startTime"] = now_iso()
+        status["startTime"] = now_iso(now)
     if phase in TERMINAL_PHASES and not old.get("completionTime"):
-        status["completionTime"] = now_iso()
+        status["completionTime"] = now_iso(now)
     ok = phase != "Failed"
-    ready = condition("Ready", ok, phase, raw.get("message", "") or f"job is {phase.lower()}")
+    ready = condition("Ready", ok, phase, raw.get("message", "") or f"job is {phase.lower()}", generation)
     status["conditions"] = merge_conditions(old.get("conditions", []), ready)
     return status
 
@@ -132,19 +173,22 @@ def served_summary(entries: Sequence[Mapping[str, Any]]) -> str:
     return ",".join(parts)
 
 
-def adapters_condition(entries: Sequence[Mapping[str, Any]], pinned: Sequence[str]) -> Status:
+def adapters_condition(entries: Sequence[Mapping[str, Any]], pinned: Sequence[str],
+                       generation: int | None = None) -> Status:
     """AdaptersLoaded: False on a failed hot-load, or while a pinned adapter is not on every ready replica."""
     failures = [f"{entry['replica']}: {', '.join(entry['failed'])}" for entry in entries if entry["failed"]]
     if failures:
-        return condition("AdaptersLoaded", False, "HotLoadFailed", "hot-load failed on " + "; ".join(failures))
+        return condition("AdaptersLoaded", False, "HotLoadFailed", "hot-load failed on " + "; ".join(failures),
+                         generation)
     ready = [entry for entry in entries if entry["ready"]]
     missing = sorted(
         name for name in pinned
         if not all(any(a == name or a.startswith(f"{name}@") for a in entry["adapters"]) for entry in ready)
     )
     if missing:
-        return condition("AdaptersLoaded", False, "Loading", "not yet on every ready replica: " + ", ".join(missing))
-    return condition("AdaptersLoaded", True, "Loaded", "every ready replica serves its adapters")
+        return condition("AdaptersLoaded", False, "Loading", "not yet on every ready replica: " + ", ".join(missing),
+                         generation)
+    return condition("AdaptersLoaded", True, "Loaded", "every ready replica serves its adapters", generation)
 
 
 def service_status(generation: int | None, old: Mapping[str, Any], desired: int, ready: int,
@@ -153,7 +197,7 @@ def service_status(generation: int | None, old: Mapping[str, Any], desired: int,
     phase = "Ready" if ready >= desired else ("Degraded" if ready else "Pending")
     ready_cond = condition("Ready", phase == "Ready", phase, f"{ready}/{desired} worker replicas ready", generation)
     conditions = merge_conditions(old.get("conditions", []), ready_cond)
-    conditions = merge_conditions(conditions, adapters_condition(entries, pinned))
+    conditions = merge_conditions(conditions, adapters_condition(entries, pinned, generation))
     return {
         "phase": phase,
         "observedGeneration": generation,

@@ -56,3 +56,31 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kube_tool(name: str) -> Path:
+    """The project's own kubectl or helm (scripts/install_kube_tools.sh), never one found on PATH.
+
+    Missing: the test is skipped with the command that installs it, except on CI (``CI`` set), where
+    no Kubernetes test may be skipped for a missing binary.
+    """
+    path = REPO / ".cache" / "bin" / name
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    message = f"no {name} at {path}: run scripts/install_kube_tools.sh"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def kubectl_binary() -> Path:
+    return kube_tool("kubectl")
+
+
+@pytest.fixture(scope="session")
+def helm_binary() -> Path:
+    return kube_tool("helm")

@@ -1,5 +1,6 @@
 """Fixtures for the operator tests: a Kubernetes API emulator (kmock), a real Valkey server,
-the real operator process, and the real kubectl pointed at the emulator.
+the real operator process, and the project's kubectl (.cache/bin, scripts/install_kube_tools.sh)
+pointed at the emulator.
 
 kmock 0.8's KubernetesEmulator keeps objects in memory and serves kopf's and kubectl's reads,
 watches and writes, but lacks some API-server behaviour. `ApiServerEmulator` adds what these
@@ -22,7 +23,6 @@ import asyncio
 import datetime
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -244,11 +244,10 @@ def kubeconfig(api_server: EmulatorThread, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def kubectl(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess]:
-    """The real kubectl against the emulator (no OpenAPI download: --validate=false on apply)."""
-    binary = shutil.which("kubectl")
-    if binary is None:
-        pytest.skip("kubectl is not installed")
+def kubectl(kubeconfig: Path, kubectl_binary: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess]:
+    """The project's kubectl against the emulator (no OpenAPI download: --validate=false on apply)."""
+    binary = str(kubectl_binary)
     cache = tmp_path_factory.mktemp("kubectl-cache")
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -327,6 +326,7 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         "FLEXLLM_REDIS_SECRET": "flexllm-redis",
         "FLEXLLM_ADAPTER_PVC": "flexllm-adapters",
         "FLEXLLM_SYNC_INTERVAL_S": "0.5",
+        "FLEXLLM_STATUS_INTERVAL_S": "1",
         "FLEXLLM_RETRY_DELAY_S": "1",
         "FLEXLLM_CANCEL_WAIT_S": "3",
         "FLEXLLM_PEERING": "",

@@ -80,7 +80,7 @@ def test_worker_args_are_flags_of_the_real_flexllm_serve():
         "smollm2-135m", "auto", "team-a.smollm2", "/adapters", 8000)
     assert args.redis_url == "$(FLEXLLM_REDIS_URL)"  # expanded by the kubelet from the container env
     assert (args.max_tokens_per_batch, args.kv_cache_fraction, args.max_loras, args.max_lora_rank) == (
-        2048, 0.5, 4, 64)
+        256, 0.5, 4, 16)  # the engine's own defaults: this spec sets none
     assert (args.ttft_ms, args.tpot_ms, args.policy, args.max_finetune_tokens) == (800, 50.5, "temporal", 64)
     assert args.adapter == ["sql=/pinned/a/sql"]
 

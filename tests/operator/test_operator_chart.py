@@ -1,4 +1,4 @@
-"""The Helm chart with the real helm binary (.cache/bin/helm, from scripts/install_helm.sh)."""
+"""The Helm chart with the project's helm binary (.cache/bin/helm, from scripts/install_kube_tools.sh)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ..conftest import kube_tool
+
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "flexllm"
-HELM = REPO / ".cache" / "bin" / "helm"
 K8S_VERSION = "1.30.0"
 
 
 def helm(*args: str) -> str:
-    if not HELM.exists():
-        pytest.skip("no helm: run scripts/install_helm.sh")
-    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(kube_tool("helm")), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -95,3 +94,17 @@ def test_operator_rbac_is_least_privilege():
     assert verbs[("apps", "deployments")] == {"get", "create", "patch"}
     assert not any("delete" in v or "*" in v for v in verbs.values())
     assert not any(resource == "secrets" for _, resource in verbs)
+
+
+def test_kube_tools_are_the_projects_own_and_a_missing_one_fails_on_ci(monkeypatch):
+    """kubectl and helm come from .cache/bin (scripts/install_kube_tools.sh), never from PATH; a missing
+    one skips a test with the install command, except on CI, where it fails it."""
+    for tool in ("kubectl", "helm"):
+        assert kube_tool(tool) == REPO / ".cache" / "bin" / tool
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="run scripts/install_kube_tools.sh"):
+        kube_tool("no-such-tool")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no no-such-tool at"):
+        kube_tool("no-such-tool")
+

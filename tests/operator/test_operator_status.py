@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 from flexllm.operator import status as st
@@ -16,6 +17,7 @@ def test_progress_maps_counts_percent_and_eta():
 
 def test_progress_tolerates_missing_and_bad_numbers():
     assert st.progress_status({"step": "", "loss": "nan?"}) == {"step": 0}
+    assert st.progress_status({"step": "2", "loss": "nan", "tokens_per_second": "inf"}) == {"step": 2}
 
 
 def test_adapter_versions_keep_the_newest():
@@ -28,14 +30,60 @@ def test_adapter_versions_keep_the_newest():
     assert st.adapter_status("job", [], keep=2) is None
 
 
+T0 = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+def at(seconds: float) -> datetime.datetime:
+    return T0 + datetime.timedelta(seconds=seconds)
+
+
+def job(old: dict, raw: dict, seconds: float = 0, interval_s: float = 5, generation: int = 1) -> dict:
+    return st.job_status("j", generation, old, raw, [], 5, at(seconds), interval_s)
+
+
 def test_job_status_sets_times_once_and_ready_condition():
-    running = st.job_status("j", {"phase": "Queued"}, {"phase": "Running", "step": "1"}, [], 5)
-    assert running["startTime"] and "completionTime" not in running
-    done = st.job_status("j", {**running}, {"phase": "Succeeded", "step": "2"}, [], 5)
-    assert "startTime" not in done and done["completionTime"]
-    failed = st.job_status("j", running, {"phase": "Failed", "message": "NaN loss"}, [], 5)
+    running = job({"phase": "Queued"}, {"phase": "Running", "step": "1"})
+    assert running["startTime"] == "2026-01-01T12:00:00Z" and "completionTime" not in running
+    done = job({**running}, {"phase": "Succeeded", "step": "2"}, seconds=1)
+    assert "startTime" not in done and done["completionTime"] == "2026-01-01T12:00:01Z"
+    failed = job(running, {"phase": "Failed", "message": "NaN loss"}, generation=3)
     ready = failed["conditions"][-1]
     assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Failed", "NaN loss")
+    assert ready["observedGeneration"] == failed["observedGeneration"] == 3
+    assert ready["lastTransitionTime"]
+
+
+def test_trainer_status_is_kubeflows_shape():
+    """status.trainerStatus as Kubeflow Trainer's (KEP-2779): percent, ETA, string metrics, a timestamp."""
+    status = job({"phase": "Queued"}, {"phase": "Running", "step": "30", "total_steps": "200",
+                                       "loss": "0.123456", "tokens_per_second": "1234.5", "eta_seconds": "95"})
+    assert status["trainerStatus"] == {
+        "progressPercentage": 15,
+        "estimatedRemainingSeconds": 95,
+        "metrics": [{"name": "loss", "value": "0.1235"}, {"name": "tokensPerSecond", "value": "1234.5"},
+                    {"name": "currentStep", "value": "30"}, {"name": "totalSteps", "value": "200"}],
+        "lastUpdatedTime": "2026-01-01T12:00:00Z",
+    }
+    assert status["progress"]["display"] == "30/200 (15%)"  # the printer columns' fields stay
+    assert job({"phase": "Queued"}, {"phase": "Running"})["trainerStatus"] == {
+        "metrics": [{"name": "currentStep", "value": "0"}], "lastUpdatedTime": "2026-01-01T12:00:00Z"}
+
+
+def test_progress_is_rewritten_at_most_every_interval_but_phase_changes_pass():
+    first = job({"phase": "Queued"}, {"phase": "Running", "step": "1", "total_steps": "10"})
+    old = {**first, "phase": "Running"}
+    soon = job(old, {"phase": "Running", "step": "2", "total_steps": "10"}, seconds=4.9)
+    assert "progress" not in soon and "trainerStatus" not in soon
+    assert st.changed_fields(old, soon) == {}  # no patch, no watch event for the dashboards
+    later = job(old, {"phase": "Running", "step": "3", "total_steps": "10"}, seconds=5)
+    assert later["progress"]["step"] == 3 and later["trainerStatus"]["lastUpdatedTime"] == "2026-01-01T12:00:05Z"
+    done = job(old, {"phase": "Succeeded", "step": "10", "total_steps": "10"}, seconds=1)
+    assert done["progress"]["display"] == "10/10 (100%)" and done["trainerStatus"]["progressPercentage"] == 100
+
+
+def test_condition_messages_fit_the_schema_bound():
+    long = st.condition("Ready", False, "Failed", "x" * 40000)
+    assert len(long["message"]) == st.MAX_CONDITION_MESSAGE
 
 
 def test_conditions_keep_transition_time_while_status_is_unchanged():

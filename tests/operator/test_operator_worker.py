@@ -236,6 +236,10 @@ def test_real_worker_trains_the_job_and_kubectl_shows_progress_loss_and_adapter(
     assert all(Path(v["uri"].removeprefix("file://")).is_relative_to(replica.adapter_dir) for v in versions)
     assert status["progress"]["totalSteps"] == 6 and status["progress"]["tokensPerSecond"] > 0
     assert status["startTime"] and status["completionTime"]
+    trainer = status["trainerStatus"]  # Kubeflow Trainer's shape, from the same worker progress
+    metrics = {m["name"]: m["value"] for m in trainer["metrics"]}
+    assert trainer["progressPercentage"] == 100 and metrics["currentStep"] == metrics["totalSteps"] == "6"
+    assert float(metrics["loss"]) == float(row["LOSS"]) and trainer["lastUpdatedTime"]
     poll(lambda: {"Queued", "Succeeded"} <= reasons_of(api_server, "tiny-lora"), what="phase events")
 
     # The InferenceService shows what the replica really serves (its own replica hash), and it answers.

@@ -1,13 +1,13 @@
 """``FinetuneJobSpec``: the FinetuneJob custom resource's ``spec`` (camelCase), validated.
 
-Field names and defaults follow ``crds/flexllm.ai_finetunejobs.yaml``; ``training.warmupSteps``,
-``training.maxGradNorm`` and ``training.weightDecay`` are extras the CRD does not carry yet.
+Field names, types, defaults and bounds are the CRD's (``crds/flexllm.ai_finetunejobs.yaml``):
+tests/operator/test_operator_spec_sync.py compares both ways, so neither can drift.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -20,7 +20,7 @@ class _Spec(BaseModel):
 
 
 class DatasetSpec(_Spec):
-    source: str = Field(min_length=1)  # file:///abs/path, file://rel/path or a plain path
+    source: str = Field(min_length=1, max_length=4096, pattern=r"^(file://)?[^:]+$")  # file:///abs, rel or /abs
     format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
 
     def resolve(self, root: Path | None = None) -> Path:
@@ -40,11 +40,14 @@ class LoraSpec(_Spec):
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1)
+    target_modules: tuple[Literal[LORA_TARGETS], ...] = Field(
+        default=("q_proj", "v_proj"), min_length=1, max_length=len(LORA_TARGETS))
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
-    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+    def _known_targets(cls, targets: Any) -> Any:
+        if not isinstance(targets, list | tuple):
+            return targets  # pydantic reports the type
         unknown = sorted(set(targets) - set(LORA_TARGETS))
         if unknown:
             raise ValueError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
