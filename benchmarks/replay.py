@@ -33,13 +33,13 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
     ft_tokens = inf_tokens = busy_s = 0.0
     timeline = []
     while True:
-        now = clock() - start
-        while pending and pending[0][1].time_s <= now:
+        now = clock() - start  # (arrivals compared in absolute time: a jump to one lands on it exactly)
+        while pending and start + pending[0][1].time_s <= clock():
             i, arrival = pending.popleft()
             params = SamplingParams(max_tokens=arrival.output_tokens, temperature=0, ignore_eos=True)
             engine.add_request(f"r{i}", prompt(i, arrival), params, arrival_time=start + arrival.time_s)
         busy = engine.has_unfinished_requests()
-        if now >= duration_s:
+        if clock() >= start + duration_s:
             co.jobs.clear()  # the fine-tuning window is over: drain the requests
             if not pending and not busy:
                 break
