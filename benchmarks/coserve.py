@@ -30,7 +30,7 @@ from replay import WallClock, replay
 from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.latency import FEATURES, LatencyModel
 from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.sampling import SamplingParams
@@ -90,7 +90,7 @@ def separate_child(args) -> None:
         out = run_system(engine, LatencyModel(), slo, "inference-only", trace, args.duration, with_finetune=False)
     else:
         out = run_system(engine, LatencyModel(), slo, "finetune-only", [], args.duration)
-    print(json.dumps({k: v for k, v in out.items() if k != "timeline"}))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("timeline", "iterations")}))
 
 
 def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) -> dict:
@@ -213,10 +213,13 @@ def main() -> None:
     profiler = CoServingEngine(engine, slo)
     profiler.profile()
     latency = profiler.latency
-    ft_only = run_system(engine, latency, slo, "finetune-only", [], args.duration)["finetune_tokens_per_s"]
-    idle = run_system(engine, latency, slo, "coserve", [], args.duration)["finetune_tokens_per_s"]
+    ft_only_row = run_system(engine, latency, slo, "finetune-only", [], args.duration)
+    idle_row = run_system(engine, latency, slo, "coserve", [], args.duration)
+    ft_only, idle = ft_only_row["finetune_tokens_per_s"], idle_row["finetune_tokens_per_s"]
     print(f"fine-tune-only {ft_only:.1f} tok/s; co-serving idle {idle:.1f} tok/s", flush=True)
     rows, timeline_row = [], None
+    ft_only_row.update(trace="none", rate=0.0, duration_s=args.duration)
+    idle_row.update(trace="none", rate=0.0, duration_s=args.duration)
     systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
     for trace_kind in args.traces.split(","):
         for rate in map(float, args.rates.split(",")):
@@ -242,10 +245,21 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, timeline_row)
+    measured = [ft_only_row, idle_row, *(r for r in rows if "iterations" in r)]
+    write_json("coserve_iterations", {"features": list(FEATURES), "runs": [
+        {k: r[k] for k in ("trace", "rate", "policy", "temporal_period", "iterations")} for r in measured]})
     path = write_json("coserve", {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
-                                  "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows]})
+                                  "setup": {"seed": args.seed, "length_scale": args.length_scale,
+                                            "max_finetune_tokens": MAX_FINETUNE_TOKENS,
+                                            "max_tokens_per_batch": engine.config.max_tokens_per_batch,
+                                            "max_num_seqs": engine.config.max_num_seqs,
+                                            "num_kv_blocks": engine.block_manager.num_blocks,
+                                            "block_size": engine.block_manager.block_size,
+                                            "batch_tokens": JOB["training"]["batchTokens"]},
+                                  "rows": [{k: v for k, v in r.items() if k not in ("timeline", "iterations")}
+                                           for r in rows]})
     print(f"wrote {path}")
 
 

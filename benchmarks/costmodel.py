@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
+from flexllm.worker.coserve.latency import IterationShape, LatencyModel
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,11 @@ class RooflineCost:
 
     model: ModelShape
     gpu: GPU
-    gpus: int = 1
+    gpus: float = 1  # tensor parallel over several; a fraction: that share of one GPU (a separate split)
     efficiency: dict[str, float] = field(default_factory=lambda: {k: v for k, (v, _) in EFFICIENCY.items()})
 
     def _pass_seconds(self, flops: float, bytes_moved: float) -> float:
-        scale = self.gpus * (self.efficiency["tensor_parallel"] if self.gpus > 1 else 1.0)
+        scale = self.gpus * (self.efficiency["tensor_parallel"] if self.gpus > 1 else 1.0)  # GPUs' worth
         compute = flops / (self.gpu.bf16_flops * self.efficiency["gemm"] * scale)
         memory = bytes_moved / (self.gpu.hbm_bytes_per_s * self.efficiency["hbm"] * scale)
         return max(compute, memory) + self.efficiency["pass_overhead_s"]
@@ -169,7 +169,10 @@ class RooflineCost:
         if work.rows or work.finetune_forward_tokens:
             flops, moved = self._forward(work.rows, work.finetune_forward_tokens)
             flops += self._finetune_extra(work.finetune_forward_tokens, 0)
-            total += self._pass_seconds(flops, moved)
+            # forward units with no inference forward to ride each read the weights in a pass of their own
+            passes = 1 if work.rows else max(1, work.own_passes - work.backward_passes)
+            moved += (passes - 1) * m.params * m.bytes_per_param
+            total += self._pass_seconds(flops, moved) + (passes - 1) * self.efficiency["pass_overhead_s"]
         if work.finetune_backward_tokens:
             # frozen base: recompute the forward, then input gradients only (dX = dY W): 2x the linear
             # FLOPs of a forward, the weights read twice, once per backward unit's pass
@@ -185,6 +188,3 @@ class RooflineCost:
         free = self.gpus * self.gpu.memory_bytes * memory_fraction - self.model.params * self.model.bytes_per_param
         return max(0, int(free // self.model.kv_bytes_per_token))
 
-
-def feature_names() -> tuple[str, ...]:
-    return ("intercept", *FEATURES)

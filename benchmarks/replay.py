@@ -31,7 +31,7 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
     start = clock()
     pending = deque(enumerate(trace))
     ft_tokens = inf_tokens = busy_s = 0.0
-    timeline = []
+    timeline, iterations = [], []
     while True:
         now = clock() - start  # (arrivals compared in absolute time: a jump to one lands on it exactly)
         while pending and start + pending[0][1].time_s <= clock():
@@ -52,8 +52,10 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
         ft = sum(w.trained_tokens for w in result.finetune.values())
         ft_tokens += ft
         timeline.append((round(now, 3), result.shape.inference_tokens, ft))
+        iterations.append([*result.shape.vector()[1:], result.seconds])  # FEATURES..., seconds
     return {"policy": co.scheduler.policy,
             "temporal_period": co.scheduler.temporal_period if co.scheduler.policy == "temporal" else None,
             "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),
             "finetune_tokens_per_s": ft_tokens / duration_s, "inference_tokens_per_s": inf_tokens / duration_s,
-            "idle_fraction": max(0.0, 1.0 - busy_s / duration_s), "timeline": timeline}
+            "idle_fraction": max(0.0, 1.0 - busy_s / duration_s), "timeline": timeline,
+            "iterations": iterations}

@@ -17,14 +17,18 @@ validation errors against real runs on this machine hold (``validation_max_ft_er
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 from dataclasses import dataclass
 
-from costmodel import Work
+from common import RESULTS, print_table, write_json
+from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work, fit_measured
 from replay import replay
-from traces import Arrival
+from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
 from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.outputs import RequestOutput
@@ -179,3 +183,172 @@ def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: floa
         co.add_job(f"job{j}", SimJob(engine, batch_tokens))
     return {**replay(co, trace, duration_s, lambda i, a: [0] * a.prompt_tokens, clock.idle_until),
             "simulated": True}
+
+
+# -- validation against real runs on this machine ------------------------------------------------------
+def validate() -> dict:
+    """Fit the measured cost model on every iteration of the last ``coserve.py`` run, re-run each of its
+    systems, traces and rates in simulation, and compare (fine-tuning tokens/s relative error, SLO
+    attainment absolute error)."""
+    real = json.loads((RESULTS / "coserve.json").read_text())
+    measured = json.loads((RESULTS / "coserve_iterations.json").read_text())["runs"]
+    samples = [(IterationShape(*map(int, it[:-1])), it[-1]) for run in measured for it in run["iterations"]]
+    cost = MeasuredCost(fit_measured(samples))
+    setup, slo = real["setup"], SLO(**real["slo"])
+    config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
+                       setup["block_size"])
+    checks = [{"trace": "none", "rate": 0.0, "policy": "finetune-only", "temporal_period": None,
+               "duration_s": real["duration_s"], "slo_attainment": 1.0,
+               "finetune_tokens_per_s": real["finetune_only_tokens_per_s"]}]
+    checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
+    rows = []
+    for row in checks:
+        trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
+                                                             setup["seed"], setup["length_scale"])
+        sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
+                       row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"])
+        ft_error = (abs(sim["finetune_tokens_per_s"] - row["finetune_tokens_per_s"]) / row["finetune_tokens_per_s"]
+                    if row["finetune_tokens_per_s"] else None)
+        rows.append({"trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
+                     "temporal_period": row["temporal_period"],
+                     "real_ft": row["finetune_tokens_per_s"], "sim_ft": sim["finetune_tokens_per_s"],
+                     "ft_error": ft_error, "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
+                     "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
+    ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None and r["real_ft"] >= 1.0]
+    return {"cost_model": dict(zip(("intercept", *FEATURES), cost.model.coef, strict=True)),
+            "validation_max_ft_error": max(ft_errors, default=None),
+            "validation_max_slo_error": max((r["slo_error"] for r in rows), default=None), "rows": rows}
+
+
+# -- the paper's experiment, projected ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Deployment:
+    """``gpus`` GPUs of ``gpu`` serving ``model`` as replicas of ``gpus_per_replica`` (tensor parallel)."""
+
+    model: str
+    gpu: str
+    gpus: int
+    gpus_per_replica: int
+    tpot_s: float  # the paper's TPOT SLOs span 45-75 ms (TTFT 5 s): tighter for smaller models
+    ttft_s: float = 5.0
+
+    @property
+    def name(self) -> str:
+        return f"{MODELS[self.model].name} on {self.gpus}x {self.gpu}"
+
+    def cost(self, gpus: float) -> RooflineCost:
+        return RooflineCost(MODELS[self.model], GPUS[self.gpu], gpus)
+
+    def config(self, gpus: float) -> SimConfig:
+        blocks = self.cost(gpus).kv_cache_tokens() // GPU_BLOCK_SIZE
+        return SimConfig(GPU_TOKENS_PER_BATCH, GPU_MAX_SEQS, max(blocks, 1), GPU_BLOCK_SIZE)
+
+
+DEPLOYMENTS = (
+    Deployment("llama-3.1-8b", "H100", 1, 1, 0.050),
+    Deployment("llama-3.1-8b", "H100", 4, 1, 0.050),
+    Deployment("qwen-2.5-14b", "H100", 4, 2, 0.060),
+    Deployment("qwen-2.5-32b", "H100", 4, 4, 0.075),
+)
+GPU_TOKENS_PER_BATCH, GPU_MAX_SEQS, GPU_BLOCK_SIZE = 2048, 256, 16
+GPU_FINETUNE_TOKENS, GPU_BATCH_TOKENS = 2048, 4096
+SLO_MET = 0.9  # the paper's bar: at least 90% of requests meet both SLOs
+GPU_MAX_PROMPT, GPU_MAX_OUTPUT = 8192, 1024
+
+
+def _replicas(d: Deployment, policy: str, trace: list[Arrival], duration_s: float, replica_gpus: float,
+              replicas: int, period: int = 4) -> dict:
+    """``replicas`` replicas of ``replica_gpus`` GPUs' worth each, the trace dispatched round-robin."""
+    slo = SLO(d.ttft_s, d.tpot_s)
+    runs = [simulate(d.cost(replica_gpus), slo, policy, trace[i::replicas], duration_s, d.config(replica_gpus),
+                     GPU_FINETUNE_TOKENS, period, batch_tokens=GPU_BATCH_TOKENS) for i in range(replicas)]
+    served = sum(r["requests"] for r in runs)
+    return {"slo_attainment": sum(r["slo_attainment"] * r["requests"] for r in runs) / served if served else 1.0,
+            "finetune_tokens_per_s": sum(r["finetune_tokens_per_s"] for r in runs)}
+
+
+def project(deployment: Deployment, rates: list[float], duration_s: float, periods: list[int]) -> dict:
+    """Every system at every rate for one deployment; SIMULATION (roofline cost model)."""
+    d, replicas = deployment, deployment.gpus // deployment.gpus_per_replica
+    ft_only = _replicas(d, "finetune-only", [], duration_s, d.gpus_per_replica, replicas)["finetune_tokens_per_s"]
+    # a separate split: k of N GPUs serve inference, the rest fine-tune (on one GPU: a share of it)
+    splits = [k / 4 for k in (1, 2, 3)] if d.gpus == 1 else [k / d.gpus for k in range(1, d.gpus)]
+    rows = []
+    for rate in rates:
+        trace = make_trace("azure", rate, duration_s, length_scale=1.0, max_prompt_tokens=GPU_MAX_PROMPT,
+                           max_output_tokens=GPU_MAX_OUTPUT)
+        systems = {("coserve", None): _replicas(d, "coserve", trace, duration_s, d.gpus_per_replica, replicas),
+                   ("inference-only", None): _replicas(d, "inference-only", trace, duration_s, d.gpus_per_replica,
+                                                       replicas)}
+        for p in periods:
+            systems["temporal", p] = _replicas(d, "temporal", trace, duration_s, d.gpus_per_replica, replicas, p)
+        for share in splits:
+            inference_gpus = share * d.gpus
+            n = max(1, int(inference_gpus // d.gpus_per_replica))
+            inf = _replicas(d, "inference-only", trace, duration_s, inference_gpus / n, n)
+            systems["separate", share] = {"slo_attainment": inf["slo_attainment"],
+                                          "finetune_tokens_per_s": ft_only * (1 - share)}
+        for (policy, param), out in systems.items():
+            rows.append({"rate": rate, "policy": policy, "param": param, **out})
+        co = systems["coserve", None]
+        print(f"SIMULATION {d.name} {rate} req/s: co-serving attainment {co['slo_attainment']:.2f}, "
+              f"ft {co['finetune_tokens_per_s']:.0f} tok/s", flush=True)
+    return {"deployment": d.name, "slo": {"ttft_s": d.ttft_s, "tpot_s": d.tpot_s},
+            "finetune_only_tokens_per_s": ft_only, **_summary(rows, ft_only), "rows": rows}
+
+
+def _summary(rows: list[dict], ft_only: float) -> dict:
+    def best(rate: float, policy: str) -> float:
+        ok = [r["finetune_tokens_per_s"] for r in rows
+              if r["rate"] == rate and r["policy"] == policy and r["slo_attainment"] >= SLO_MET]
+        return max(ok, default=0.0)
+
+    co = {r["rate"]: r for r in rows if r["policy"] == "coserve"}
+    served = [rate for rate, r in co.items() if r["slo_attainment"] >= SLO_MET]
+    vs_separate = [co[rate]["finetune_tokens_per_s"] / best(rate, "separate") for rate in served
+                   if best(rate, "separate")]
+    vs_temporal = [co[rate]["finetune_tokens_per_s"] / best(rate, "temporal") for rate in served
+                   if best(rate, "temporal")]
+    inference_ok = {r["rate"] for r in rows if r["policy"] == "inference-only" and r["slo_attainment"] >= SLO_MET}
+    peak = max(served, default=None)
+    return {"sim_ft_ratio_vs_separate": geomean(vs_separate), "sim_ft_ratio_vs_best_temporal": geomean(vs_temporal),
+            "sim_ft_peak_ratio": co[peak]["finetune_tokens_per_s"] / ft_only if peak is not None and ft_only else None,
+            "sim_peak_rate": peak,
+            "sim_min_slo_attainment": min((co[r]["slo_attainment"] for r in inference_ok if r in co), default=None)}
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["validate", "project", "all"])
+    parser.add_argument("--rates", default="1,2,4,8,12,16,20", help="Azure trace rescaled to these req/s")
+    parser.add_argument("--duration", type=float, default=30.0, help="simulated seconds per run")
+    parser.add_argument("--temporal-periods", default="4,16")
+    args = parser.parse_args()
+    out = json.loads((RESULTS / "simulation.json").read_text()) if (RESULTS / "simulation.json").exists() else {}
+    out.pop("machine", None)
+    out["label"] = "SIMULATION: the real scheduler in simulated time; see benchmarks/simulate.py"
+    if args.command in ("validate", "all"):
+        out["validation"] = validate()
+        for key in ("validation_max_ft_error", "validation_max_slo_error"):
+            out[key] = out["validation"][key]
+        print_table(out["validation"]["rows"], ["trace", "rate", "policy", "temporal_period", "real_ft", "sim_ft",
+                                                 "ft_error", "real_slo", "sim_slo", "slo_error"])
+    if args.command in ("project", "all"):
+        rates = [float(r) for r in args.rates.split(",")]
+        periods = [int(p) for p in args.temporal_periods.split(",")]
+        out["projections"] = [project(d, rates, args.duration, periods) for d in DEPLOYMENTS]
+        headline = out["projections"][0]
+        out.update({k: headline[k] for k in ("sim_ft_ratio_vs_separate", "sim_ft_ratio_vs_best_temporal",
+                                              "sim_ft_peak_ratio", "sim_min_slo_attainment")})
+        out["headline_deployment"] = headline["deployment"]
+    print(json.dumps({k: v for k, v in out.items() if k not in ("validation", "projections")}, indent=2))
+    print(f"wrote {write_json('simulation', out)}")
+
+
+if __name__ == "__main__":
+    main()
