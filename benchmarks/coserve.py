@@ -83,7 +83,7 @@ def measure_slo(engine: LLMEngine) -> SLO:
 def separate_child(args) -> None:
     """One half of the separate split: its own process with half the threads."""
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
     slo = SLO(**json.loads(args.slo))
     if args.child == "inference":
         trace = make_trace(args.trace, args.rate, args.duration, args.seed, args.length_scale)
@@ -97,7 +97,7 @@ def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) 
     threads = max(1, torch.get_num_threads() // 2)
     common = [sys.executable, __file__, "--threads", str(threads), "--slo", json.dumps(slo.__dict__),
               "--trace", trace_kind, "--rate", str(rate), "--duration", str(duration), "--model", args.model,
-              "--seed", str(args.seed), "--length-scale", str(args.length_scale)]
+              "--seed", str(args.seed), "--length-scale", str(args.length_scale), "--device", args.device]
     procs = [subprocess.Popen([*common, "--child", kind], stdout=subprocess.PIPE, text=True)
              for kind in ("inference", "finetune")]
     inf, ft = (json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
@@ -190,6 +190,7 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     parser.add_argument("--rates", default="0.5,1,2,4")
     parser.add_argument("--traces", default="azure", help=f"comma-separated, of {', '.join(TRACES)}")
     parser.add_argument("--length-scale", type=float, default=CPU_LENGTH_SCALE,
@@ -207,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return separate_child(args)
-    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
     slo = measure_slo(engine)
     print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
     profiler = CoServingEngine(engine, slo)

@@ -15,7 +15,9 @@ forward to ride). Two models price it:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
 
@@ -75,13 +77,25 @@ GPUS = {
 
 # The only free parameters of the roofline model. Until benchmarks/gpu_check.sh has measured them on
 # a lent GPU they are assumptions, stated as such; gpu.json replaces them when present.
-EFFICIENCY = {
+EFFICIENCY: dict[str, tuple[float, str]] = {
     "gemm": (0.70, "assumed: large bf16 GEMMs reach ~70% of dense peak; measure with gpu_check.sh"),
     "hbm": (0.80, "assumed: streaming kernels reach ~80% of HBM bandwidth; measure with gpu_check.sh"),
     "pass_overhead_s": (0.004, "assumed: host overhead of one forward pass (launches, scheduling, "
                                "sampling) without CUDA graphs; measure with gpu_check.sh"),
     "tensor_parallel": (0.90, "assumed: all-reduce overhead leaves 90% of N GPUs' throughput"),
 }
+
+
+CALIBRATION = Path(__file__).resolve().parent / "results" / "gpu.json"  # from calibrate_gpu.py, if run
+
+
+def efficiency() -> dict[str, float]:
+    """``EFFICIENCY``'s values, with what ``calibrate_gpu.py`` measured on a GPU in their place."""
+    factors = {k: v for k, (v, _) in EFFICIENCY.items()}
+    if CALIBRATION.exists():
+        measured = json.loads(CALIBRATION.read_text()).get("calibration", {})
+        factors |= {k: float(measured[k]) for k in factors if k in measured}
+    return factors
 
 
 @dataclass(frozen=True)
@@ -133,7 +147,7 @@ class RooflineCost:
     model: ModelShape
     gpu: GPU
     gpus: float = 1  # tensor parallel over several; a fraction: that share of one GPU (a separate split)
-    efficiency: dict[str, float] = field(default_factory=lambda: {k: v for k, (v, _) in EFFICIENCY.items()})
+    efficiency: dict[str, float] = field(default_factory=efficiency)
 
     def _pass_seconds(self, flops: float, bytes_moved: float) -> float:
         scale = self.gpus * (self.efficiency["tensor_parallel"] if self.gpus > 1 else 1.0)  # GPUs' worth
