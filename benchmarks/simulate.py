@@ -317,6 +317,81 @@ def _summary(rows: list[dict], ft_only: float) -> dict:
             "sim_min_slo_attainment": min((co[r]["slo_attainment"] for r in inference_ok if r in co), default=None)}
 
 
+# -- fleet scale -----------------------------------------------------------------------------------------
+def redis_ops_capacity(commands: int = 20_000) -> float:
+    """Stream commands per second one Valkey server thread can execute on this machine: 1e6 / the mean
+    server-side microseconds per call (INFO commandstats) over the request protocol's commands (XADD,
+    XREAD, XDEL), so the client's own speed does not count; network I/O is excluded too, so it is an upper
+    bound: the queue saturates no earlier than this."""
+    import redis
+
+    from flexllm.worker.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as url:
+        client = redis.Redis.from_url(url)
+        client.config_resetstat()
+        for _ in range(commands // 1000):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(250):
+                pipe.xadd("bench:out", {"data": "x" * 64})
+                pipe.xread({"bench:out": "0-0"}, count=1)
+                pipe.xadd("bench:req", {"data": "y" * 256})
+                pipe.xdel("bench:req", "0-1")
+            pipe.execute()
+        stats = [v for k, v in client.info("commandstats").items() if k.split("_")[-1] in ("xadd", "xread", "xdel")]
+        return 1e6 * sum(s["calls"] for s in stats) / sum(s["usec"] for s in stats)
+
+
+def redis_ops_per_s(run: dict) -> float:
+    """Redis commands one replica's traffic costs per second (``worker/protocol.py``'s flow): per request
+    XADD (API), XACK + XDEL, DEL of its output stream; per token an XADD + EXPIRE of its chunk and the
+    client's XREAD; per iteration one XREADGROUP; housekeeping (XCLAIM heartbeat, MGET cancel flags) at 4 Hz."""
+    seconds = max(run["timeline"][-1][0], 1e-9) if run["timeline"] else 1.0
+    requests = run["requests"] / seconds
+    tokens = run["inference_tokens_per_s"]
+    iterations = len(run["timeline"]) / seconds
+    return 4 * requests + 3 * tokens + iterations + 8
+
+
+def fleet(deployment: Deployment, rate_per_replica: float, replicas: list[int], jobs: int, duration_s: float) -> dict:
+    """A fleet of replicas consuming one request stream (dispatch balanced, so a replica's traffic does
+    not depend on the fleet's size) with ``jobs`` FinetuneJobs, each claimed by one replica. Simulates a
+    replica with a job and one without at ``rate_per_replica``, then adds them up; SIMULATION."""
+    d = deployment
+    slo = SLO(d.ttft_s, d.tpot_s)
+    trace = make_trace("azure", rate_per_replica, duration_s, length_scale=1.0, max_prompt_tokens=GPU_MAX_PROMPT,
+                       max_output_tokens=GPU_MAX_OUTPUT)
+    runs = {kind: simulate(d.cost(d.gpus_per_replica), slo, policy, trace, duration_s, d.config(d.gpus_per_replica),
+                           GPU_FINETUNE_TOKENS, batch_tokens=GPU_BATCH_TOKENS)
+            for kind, policy in (("with_job", "coserve"), ("without_job", "inference-only"))}
+    capacity = redis_ops_capacity()
+    rows = []
+    for n in replicas:
+        trained = min(jobs, n)
+        attainment = (trained * runs["with_job"]["slo_attainment"]
+                      + (n - trained) * runs["without_job"]["slo_attainment"]) / n
+        ops = trained * redis_ops_per_s(runs["with_job"]) + (n - trained) * redis_ops_per_s(runs["without_job"])
+        rows.append({"replicas": n, "request_rate": n * rate_per_replica, "jobs": jobs,
+                     "slo_attainment": attainment,
+                     "finetune_tokens_per_s": trained * runs["with_job"]["finetune_tokens_per_s"],
+                     "idle_replica_share": (n - trained) / n, "redis_ops_per_s": ops,
+                     "redis_utilization": ops / capacity})
+    return {"deployment": d.name, "rate_per_replica": rate_per_replica, "redis_capacity_ops_per_s": capacity,
+            "bottleneck": _fleet_bottleneck(rows), "rows": rows}
+
+
+def _fleet_bottleneck(rows: list[dict]) -> str:
+    saturated = [r["replicas"] for r in rows if r["redis_utilization"] >= 1.0]
+    idle = [r["replicas"] for r in rows if r["idle_replica_share"] > 0.5]
+    parts = []
+    if idle:
+        parts.append(f"job placement from {min(idle)} replicas: a FinetuneJob trains on the one replica that claimed "
+                     "it, so most replicas' spare capacity trains nothing")
+    if saturated:
+        parts.append(f"the Redis queue from {min(saturated)} replicas (one server's measured capacity)")
+    return "; ".join(parts) or "none within the fleet sizes simulated"
+
+
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -324,10 +399,12 @@ def geomean(values: list[float]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["validate", "project", "all"])
+    parser.add_argument("command", choices=["validate", "project", "fleet", "all"])
     parser.add_argument("--rates", default="1,2,4,8,12,16,20", help="Azure trace rescaled to these req/s")
     parser.add_argument("--duration", type=float, default=30.0, help="simulated seconds per run")
     parser.add_argument("--temporal-periods", default="4,16")
+    parser.add_argument("--fleet-rate", type=float, default=8.0, help="req/s per replica in the fleet")
+    parser.add_argument("--fleet-jobs", type=int, default=4, help="FinetuneJobs on the fleet")
     args = parser.parse_args()
     out = json.loads((RESULTS / "simulation.json").read_text()) if (RESULTS / "simulation.json").exists() else {}
     out.pop("machine", None)
@@ -346,7 +423,12 @@ def main() -> None:
         out.update({k: headline[k] for k in ("sim_ft_ratio_vs_separate", "sim_ft_ratio_vs_best_temporal",
                                               "sim_ft_peak_ratio", "sim_min_slo_attainment")})
         out["headline_deployment"] = headline["deployment"]
-    print(json.dumps({k: v for k, v in out.items() if k not in ("validation", "projections")}, indent=2))
+    if args.command in ("fleet", "all"):
+        out["fleet"] = fleet(DEPLOYMENTS[0], args.fleet_rate, [8, 16, 32, 64, 128, 256], args.fleet_jobs,
+                             args.duration)
+        print_table(out["fleet"]["rows"], list(out["fleet"]["rows"][0]))
+        print(f"SIMULATION fleet bottleneck: {out['fleet']['bottleneck']}")
+    print(json.dumps({k: v for k, v in out.items() if k not in ("validation", "projections", "fleet")}, indent=2))
     print(f"wrote {write_json('simulation', out)}")
 
 
