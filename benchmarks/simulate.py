@@ -392,6 +392,33 @@ def _fleet_bottleneck(rows: list[dict]) -> str:
     return "; ".join(parts) or "none within the fleet sizes simulated"
 
 
+def plot(projections: list[dict]) -> None:
+    """The paper's axes: fine-tuning throughput and SLO attainment against the request rate, per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(projections), 2, figsize=(11, 3.4 * len(projections)), squeeze=False)
+    for row, projection in zip(axes, projections, strict=True):
+        systems = sorted({(r["policy"], r["param"]) for r in projection["rows"]}, key=str)
+        for policy, param in systems:
+            pts = sorted((r["rate"], r) for r in projection["rows"] if (r["policy"], r["param"]) == (policy, param))
+            label = policy if param is None else (f"{policy} (FT every {param})" if policy == "temporal"
+                                                  else f"{policy} ({param:.0%} for inference)")
+            style = {"coserve": "o-", "temporal": "s--", "separate": "^-.", "inference-only": "x:"}[policy]
+            for ax, key in zip(row, ("finetune_tokens_per_s", "slo_attainment"), strict=True):
+                ax.plot([p[0] for p in pts], [p[1][key] for p in pts], style, label=label)
+        row[0].set(xlabel="request rate (req/s, Azure conv trace)", ylabel="fine-tuning tokens/s",
+                   title=f"SIMULATION: {projection['deployment']}")
+        row[1].set(xlabel="request rate (req/s, Azure conv trace)", ylabel="SLO attainment (TTFT and TPOT)",
+                   ylim=(0, 1.05), title=f"SIMULATION: {projection['deployment']}")
+        row[1].axhline(SLO_MET, color="grey", linewidth=0.8)
+    axes[0][1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "simulation.png", dpi=110)
+
+
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -423,6 +450,7 @@ def main() -> None:
         out.update({k: headline[k] for k in ("sim_ft_ratio_vs_separate", "sim_ft_ratio_vs_best_temporal",
                                               "sim_ft_peak_ratio", "sim_min_slo_attainment")})
         out["headline_deployment"] = headline["deployment"]
+        plot(out["projections"])
     if args.command in ("fleet", "all"):
         out["fleet"] = fleet(DEPLOYMENTS[0], args.fleet_rate, [8, 16, 32, 64, 128, 256], args.fleet_jobs,
                              args.duration)
