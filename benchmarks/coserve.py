@@ -1,12 +1,14 @@
 """Co-serving vs temporal sharing vs a separate split vs inference-only vs fine-tune-only.
 
-Synthetic traces (Poisson and bursty arrivals; heavy-tailed prompt/output lengths) at a sweep of
-rates are replayed in real time against the bundled model while a FinetuneJob trains. SLOs for this
+The Azure LLM inference trace 2023 (conversation; see traces.py for where it lives and how it is
+rescaled) and, as extra cases, synthetic traces (Poisson and bursty arrivals; heavy-tailed
+prompt/output lengths) at a sweep of rates are replayed in real time against the bundled model while
+a FinetuneJob trains. SLOs for this
 CPU are derived from the measured single-request latency and written into the output. A request
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--min-requests 20] [--traces poisson,bursty]
+    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--min-requests 20] [--traces azure,poisson,bursty]
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from common import RESULTS, print_table, write_json
+from replay import WallClock, replay
+from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.latency import FEATURES, LatencyModel
 from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.sampling import SamplingParams
@@ -44,65 +47,25 @@ JOB = {
 MAX_FINETUNE_TOKENS = 128
 
 
-@dataclass
-class Request:
-    arrival: float
-    prompt: list[int]
-    max_tokens: int
-
-
-def make_trace(kind: str, rate: float, duration: float, seed: int) -> list[Request]:
-    """Poisson (exponential gaps) or bursty (gamma gaps, CV 2) arrivals; Pareto-tailed lengths."""
-    rng = random.Random(f"{kind}-{rate}-{seed}")
-    trace, t = [], 0.0
-    while rate > 0:
-        t += rng.expovariate(rate) if kind == "poisson" else rng.gammavariate(0.25, 4.0 / rate)
-        if t >= duration:
-            break
-        prompt = [rng.randrange(100, 40000) for _ in range(min(256, int(rng.paretovariate(1.5) * 16)))]
-        trace.append(Request(t, prompt, min(96, max(4, int(rng.paretovariate(1.3) * 8)))))
-    return trace
-
-
 def runner_for(engine: LLMEngine, adapter_root: Path) -> FinetuneRunner:
     return FinetuneRunner(engine.model, engine.tokenizer, FinetuneJobSpec.model_validate(JOB), adapter_root,
                           "bench", resume=False)
 
 
-def run_system(engine: LLMEngine, latency: LatencyModel, slo: SLO, policy: str, trace: list[Request],
+def run_system(engine: LLMEngine, latency: LatencyModel, slo: SLO, policy: str, trace: list[Arrival],
                duration: float, temporal_period: int = 4, with_finetune: bool = True) -> dict:
     """Replay ``trace`` in real time; fine-tuning is counted until ``duration``, requests until drained."""
     co = CoServingEngine(engine, slo, policy, MAX_FINETUNE_TOKENS, temporal_period, copy.deepcopy(latency))
     with tempfile.TemporaryDirectory() as adapters:
         if with_finetune:
             co.add_job("bench", runner_for(engine, Path(adapters)))
-        start = time.monotonic()
-        pending = list(trace)
-        ft_tokens = inf_tokens = 0
-        timeline = []
-        while True:
-            now = time.monotonic() - start
-            while pending and pending[0].arrival <= now:
-                r = pending.pop(0)
-                params = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
-                engine.add_request(f"r{id(r)}", r.prompt, params, arrival_time=start + r.arrival)
-            busy = engine.has_unfinished_requests()
-            if now >= duration:
-                co.jobs.clear()  # the fine-tuning window is over: drain the requests
-                if not pending and not busy:
-                    break
-            if not busy and not co.active_jobs():
-                time.sleep(max(0.0, min(0.01, pending[0].arrival - now)) if pending else 0.01)
-                continue
-            result = co.step()
-            inf_tokens += len(result.outputs)  # one sampled token per output
-            ft = sum(w.trained_tokens for w in result.finetune.values())
-            ft_tokens += ft
-            timeline.append((round(now, 3), result.shape.inference_tokens, ft))
-    return {"policy": policy, "temporal_period": temporal_period if policy == "temporal" else None,
-            "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),
-            "finetune_tokens_per_s": ft_tokens / duration, "inference_tokens_per_s": inf_tokens / duration,
-            "timeline": timeline}
+        return replay(co, trace, duration, prompt_ids, WallClock().idle_until)
+
+
+def prompt_ids(index: int, arrival: Arrival) -> list[int]:
+    """Token ids for a trace request (only the lengths come from the trace)."""
+    rng = random.Random(index)
+    return [rng.randrange(100, 40000) for _ in range(arrival.prompt_tokens)]
 
 
 def measure_slo(engine: LLMEngine) -> SLO:
@@ -120,20 +83,21 @@ def measure_slo(engine: LLMEngine) -> SLO:
 def separate_child(args) -> None:
     """One half of the separate split: its own process with half the threads."""
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
     slo = SLO(**json.loads(args.slo))
     if args.child == "inference":
-        trace = make_trace(args.trace, args.rate, args.duration, args.seed)
+        trace = make_trace(args.trace, args.rate, args.duration, args.seed, args.length_scale)
         out = run_system(engine, LatencyModel(), slo, "inference-only", trace, args.duration, with_finetune=False)
     else:
         out = run_system(engine, LatencyModel(), slo, "finetune-only", [], args.duration)
-    print(json.dumps({k: v for k, v in out.items() if k != "timeline"}))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("timeline", "iterations")}))
 
 
 def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) -> dict:
     threads = max(1, torch.get_num_threads() // 2)
     common = [sys.executable, __file__, "--threads", str(threads), "--slo", json.dumps(slo.__dict__),
-              "--trace", trace_kind, "--rate", str(rate), "--duration", str(duration), "--model", args.model]
+              "--trace", trace_kind, "--rate", str(rate), "--duration", str(duration), "--model", args.model,
+              "--seed", str(args.seed), "--length-scale", str(args.length_scale), "--device", args.device]
     procs = [subprocess.Popen([*common, "--child", kind], stdout=subprocess.PIPE, text=True)
              for kind in ("inference", "finetune")]
     inf, ft = (json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
@@ -159,10 +123,13 @@ def summarize(rows: list[dict], ft_only: float, idle: float) -> dict:
         cands = [r["finetune_tokens_per_s"] for r in rs if r["policy"] == policy and r["slo_attainment"] >= attainment]
         return max(cands) if cands else 0.0
 
-    ratios_temporal, ratios_separate, attainments = [], [], []
+    ratios_temporal, ratios_separate, attainments, harvest = [], [], [], []
     for k in ok_keys:
         co = next(r for r in by[k] if r["policy"] == "coserve")
         attainments.append(co["slo_attainment"])
+        inference_only = next(r for r in by[k] if r["policy"] == "inference-only")
+        if co["slo_attainment"] >= 0.95 and ft_only and inference_only["idle_fraction"] > 0:
+            harvest.append(co["finetune_tokens_per_s"] / (ft_only * inference_only["idle_fraction"]))
         for baseline, out in (("temporal", ratios_temporal), ("separate", ratios_separate)):
             b = best(by[k], baseline, co["slo_attainment"])
             out.append(co["finetune_tokens_per_s"] / b if b else float("inf"))
@@ -176,6 +143,8 @@ def summarize(rows: list[dict], ft_only: float, idle: float) -> dict:
         "baseline_missed_slo_at": {"temporal": sum(not math.isfinite(x) for x in ratios_temporal),
                                    "separate": sum(not math.isfinite(x) for x in ratios_separate)},
         "ft_idle_ratio": idle / ft_only if ft_only else None,
+        # co-serving's fine-tuning over what the capacity inference alone leaves idle would train
+        "ft_harvest_ratio": geomean(harvest),
         "ft_peak_ratio": peak_row["finetune_tokens_per_s"] / ft_only if peak_row and ft_only else None,
         "ft_peak_rate": peak_row["rate"] if peak_row else None,
     }
@@ -187,7 +156,7 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    traces = sorted({r["trace"] for r in rows}, key=lambda t: t != "poisson")
+    traces = sorted({r["trace"] for r in rows}, key=TRACES.index)
     fig, axes = plt.subplots(len(traces), 2, figsize=(11, 3.6 * len(traces)), squeeze=False)
     periods = sorted({r["temporal_period"] for r in rows if r["policy"] == "temporal"})
     systems = [("coserve", None, "o-"), ("separate", None, "^-."), ("inference-only", None, "x:"),
@@ -221,8 +190,11 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     parser.add_argument("--rates", default="0.5,1,2,4")
-    parser.add_argument("--traces", default="poisson,bursty")
+    parser.add_argument("--traces", default="azure", help=f"comma-separated, of {', '.join(TRACES)}")
+    parser.add_argument("--length-scale", type=float, default=CPU_LENGTH_SCALE,
+                        help="Azure prompt and output lengths are multiplied by this (one factor)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (at least)")
     parser.add_argument("--min-requests", type=float, default=20.0,
                         help="low rates run longer: duration >= min_requests / rate")
@@ -236,21 +208,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return separate_child(args)
-    engine = LLMEngine(model=args.model, dtype="float32", device="cpu")
+    engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
     slo = measure_slo(engine)
     print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
     profiler = CoServingEngine(engine, slo)
     profiler.profile()
     latency = profiler.latency
-    ft_only = run_system(engine, latency, slo, "finetune-only", [], args.duration)["finetune_tokens_per_s"]
-    idle = run_system(engine, latency, slo, "coserve", [], args.duration)["finetune_tokens_per_s"]
+    ft_only_row = run_system(engine, latency, slo, "finetune-only", [], args.duration)
+    idle_row = run_system(engine, latency, slo, "coserve", [], args.duration)
+    ft_only, idle = ft_only_row["finetune_tokens_per_s"], idle_row["finetune_tokens_per_s"]
     print(f"fine-tune-only {ft_only:.1f} tok/s; co-serving idle {idle:.1f} tok/s", flush=True)
     rows, timeline_row = [], None
+    ft_only_row.update(trace="none", rate=0.0, duration_s=args.duration)
+    idle_row.update(trace="none", rate=0.0, duration_s=args.duration)
     systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
     for trace_kind in args.traces.split(","):
         for rate in map(float, args.rates.split(",")):
             duration = max(args.duration, args.min_requests / rate)  # enough requests for an attainment
-            trace = make_trace(trace_kind, rate, duration, args.seed)
+            trace = make_trace(trace_kind, rate, duration, args.seed, args.length_scale)
             for policy, period in systems:
                 row = run_system(engine, latency, slo, policy, trace, duration, period,
                                  with_finetune=policy != "inference-only")
@@ -271,10 +246,21 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, timeline_row)
+    measured = [ft_only_row, idle_row, *(r for r in rows if "iterations" in r)]
+    write_json("coserve_iterations", {"features": list(FEATURES), "runs": [
+        {k: r[k] for k in ("trace", "rate", "policy", "temporal_period", "iterations")} for r in measured]})
     path = write_json("coserve", {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
-                                  "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows]})
+                                  "setup": {"seed": args.seed, "length_scale": args.length_scale,
+                                            "max_finetune_tokens": MAX_FINETUNE_TOKENS,
+                                            "max_tokens_per_batch": engine.config.max_tokens_per_batch,
+                                            "max_num_seqs": engine.config.max_num_seqs,
+                                            "num_kv_blocks": engine.block_manager.num_blocks,
+                                            "block_size": engine.block_manager.block_size,
+                                            "batch_tokens": JOB["training"]["batchTokens"]},
+                                  "rows": [{k: v for k, v in r.items() if k not in ("timeline", "iterations")}
+                                           for r in rows]})
     print(f"wrote {path}")
 
 

@@ -16,7 +16,10 @@ Variants at one sequence length (bf16 by default, as the paper's GPUs run):
 - ``flexllm``: token-level forward (no graph) + split backward with rematerialization: the layer
   inputs, the sequence's K/V and dK/dV buffers, plus the largest graph any backward unit builds.
 
-Run: ``python benchmarks/memory.py`` (about 3 minutes on 2 CPU cores; ``--quick`` for a smoke run).
+Also what a co-served FinetuneJob adds to a serving replica against a separate fine-tuning process
+(``job_memory.py``: ``coserved_job_memory_vs_separate``).
+
+Run: ``python benchmarks/memory.py`` (about 5 minutes on 2 CPU cores; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 
 import torch
 from common import write_json
+from job_memory import job_memory
 
 from flexllm.worker.engine.fused import run_alone
 from flexllm.worker.engine.llm_engine import build_model
@@ -249,7 +253,9 @@ def main() -> None:
     rows = [run_isolated(args, model, targets) for model in models for targets in TARGETS]
     print_table(rows)
     headline = next(r for r in rows if r["model"].startswith(models[-1]) and len(r["target_modules"]) == 2)
-    print(f"wrote {write_json('memory', {**headline, 'runs': rows})}")
+    jobs = job_memory(headline["flexllm_bytes_per_token"] / 1024)
+    print(f"a co-served job's memory vs a separate fine-tuning process: {jobs['coserved_job_memory_vs_separate']:.3f}")
+    print(f"wrote {write_json('memory', {**headline, **jobs, 'runs': rows})}")
 
 
 if __name__ == "__main__":

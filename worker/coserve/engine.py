@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
@@ -102,9 +103,13 @@ class SLOTracker:
 
 
 class CoServingEngine:
+    """``clock`` (seconds, ``time.monotonic``'s epoch for real engines) times iterations and SLOs; the
+    simulator (benchmarks/simulate.py) passes its own."""
+
     def __init__(self, engine: LLMEngine, slo: SLO, policy: str = "coserve", max_finetune_tokens: int = 256,
-                 temporal_period: int = 4, latency: LatencyModel | None = None):
-        self.engine, self.slo = engine, slo
+                 temporal_period: int = 4, latency: LatencyModel | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.engine, self.slo, self.clock = engine, slo, clock
         self.latency = latency or LatencyModel()
         self.scheduler = HybridScheduler(slo, self.latency, engine.config.max_tokens_per_batch,
                                          max_finetune_tokens, policy, temporal_period)
@@ -136,9 +141,9 @@ class CoServingEngine:
         refitted once fine-tuning runs)."""
         params = SamplingParams(max_tokens=1)
         for n in PROFILE_PROMPT_TOKENS * 2:
-            began = time.perf_counter()
+            began = self.clock()
             self.engine.generate([[100 + i % 1000 for i in range(n)]], params)
-            self.latency.samples.append((IterationShape(inference_tokens=n).vector(), time.perf_counter() - began))
+            self.latency.samples.append((IterationShape(inference_tokens=n).vector(), self.clock() - began))
         self.latency.fit()
         per_token, per_pass = self.latency.coef[1], self.latency.coef[0]
         self.latency.coef[3:6] = [per_token, 2 * per_token, per_pass]
@@ -162,8 +167,8 @@ class CoServingEngine:
         return InferenceDemand(decodes, ctx, prefill, ttft_slack, tpot_slack)
 
     def step(self) -> IterationResult:
-        began = time.perf_counter()
-        demand = self.demand(time.monotonic())
+        began = self.clock()
+        demand = self.demand(began)
         active = self.active_jobs()
         budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
         batch = self.engine.scheduler.schedule(budget) if budget > 0 else ScheduledBatch()
@@ -181,10 +186,10 @@ class CoServingEngine:
         bwd = sum(w.backward_tokens for w in finetune.values())
         units_run = sum(w.units for w in finetune.values())
         shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd, units_run)
-        seconds = time.perf_counter() - began
+        now = self.clock()
+        seconds = now - began
         if shape != IterationShape():
             self.latency.observe(shape, seconds)
-        now = time.monotonic()
         for out in outputs:
             if out.finished:
                 self.slo_tracker.record(out, now)

@@ -1,0 +1,61 @@
+"""Replays an arrival trace against a ``CoServingEngine`` while its jobs train: one loop for the real
+engine (``coserve.py``, wall-clock time) and the simulator (``simulate.py``, simulated time)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from traces import Arrival
+
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.engine.sampling import SamplingParams
+
+
+class WallClock:
+    """Real time: idle waits sleep (in short slices, so new arrivals are noticed)."""
+
+    now = staticmethod(time.monotonic)
+
+    def idle_until(self, t: float) -> None:
+        time.sleep(max(0.0, min(0.01, t - self.now())))
+
+
+def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt: Callable[[int, Arrival], list[int]],
+           idle_until: Callable[[float], None]) -> dict:
+    """Serve ``trace`` (arrivals relative to now) while the jobs train; fine-tuning is counted until
+    ``duration_s``, then the jobs stop and the requests drain. ``prompt(i, arrival)`` makes the
+    i-th request's token ids. Returns throughput, SLO attainment and the per-iteration token split."""
+    engine, clock = co.engine, co.clock
+    start = clock()
+    pending = deque(enumerate(trace))
+    ft_tokens = inf_tokens = busy_s = 0.0
+    timeline, iterations = [], []
+    while True:
+        now = clock() - start  # (arrivals compared in absolute time: a jump to one lands on it exactly)
+        while pending and start + pending[0][1].time_s <= clock():
+            i, arrival = pending.popleft()
+            params = SamplingParams(max_tokens=arrival.output_tokens, temperature=0, ignore_eos=True)
+            engine.add_request(f"r{i}", prompt(i, arrival), params, arrival_time=start + arrival.time_s)
+        busy = engine.has_unfinished_requests()
+        if clock() >= start + duration_s:
+            co.jobs.clear()  # the fine-tuning window is over: drain the requests
+            if not pending and not busy:
+                break
+        if not busy and not co.active_jobs():
+            idle_until(start + (pending[0][1].time_s if pending else duration_s))
+            continue
+        result = co.step()
+        busy_s += result.seconds if now < duration_s else 0.0
+        inf_tokens += len(result.outputs)  # one sampled token per output
+        ft = sum(w.trained_tokens for w in result.finetune.values())
+        ft_tokens += ft
+        timeline.append((round(now, 3), result.shape.inference_tokens, ft))
+        iterations.append([*result.shape.vector()[1:], result.seconds])  # FEATURES..., seconds
+    return {"policy": co.scheduler.policy,
+            "temporal_period": co.scheduler.temporal_period if co.scheduler.policy == "temporal" else None,
+            "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),
+            "finetune_tokens_per_s": ft_tokens / duration_s, "inference_tokens_per_s": inf_tokens / duration_s,
+            "idle_fraction": max(0.0, 1.0 - busy_s / duration_s), "timeline": timeline,
+            "iterations": iterations}
