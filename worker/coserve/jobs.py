@@ -74,10 +74,8 @@ class CoServingJobs:
                 self.coserve.remove_job(name)
                 self._report(name, job.runner, "Succeeded", "finished")
                 self._end(name, self.entries.pop(name), None)
-        if self.draining:  # at a step boundary now: checkpoint the step unless it was just published
-            for name, work in result.finetune.items():
-                if work.steps_finished and name in self.coserve.jobs:
-                    self._hand_back(name, checkpoint=work.version is None)
+        if self.draining:
+            self._hand_back_held()
         if time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + CHECK_EVERY_S
             self._check_cancelled()
@@ -85,8 +83,18 @@ class CoServingJobs:
         return result.outputs
 
     def drain(self) -> None:
-        """Stopping: from now on each job is handed back as soon as it finishes its current step."""
+        """Stopping: each job finishes its current step, starts no other, and is then handed back."""
         self.draining = True
+        for job in self.coserve.jobs.values():
+            job.runner.hold_at_step_boundary = True
+        self._hand_back_held()
+
+    def _hand_back_held(self) -> None:
+        """Hand back the jobs at a step boundary, their steps since the latest version published first."""
+        for name, job in list(self.coserve.jobs.items()):
+            if job.runner.at_step_boundary and name in self.entries:
+                latest = self.queue.latest_version(name)
+                self._hand_back(name, checkpoint=job.runner.step > (latest["step"] if latest else 0))
 
     def hand_back(self) -> None:
         """Hand back the jobs still here (mid-step: the partial step is lost, they resume from their latest
@@ -100,6 +108,7 @@ class CoServingJobs:
         runner = self.coserve.remove_job(name)
         if checkpoint and runner is not None:
             runner.publish()
+            self._report(name, runner, "Running")
         latest = self.queue.latest_version(name)
         resume = f"v{latest['version']} (step {latest['step']})" if latest else "the start"
         self.queue.set_progress(name, phase="Queued", message=f"handed back by {self.consumer}: resumes from {resume}")
