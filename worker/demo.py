@@ -111,11 +111,13 @@ def stream_one(client: httpx.Client, base: str, prompt: str, max_tokens: int, re
 
 
 def drive_load(base: str, rate: float, stop: threading.Event, result: LoadResult, seed: int = 0) -> None:
-    """Poisson arrivals at ``rate`` req/s until ``stop``; waits for the requests in flight."""
+    """Poisson arrivals at ``rate`` req/s (the first at once) until ``stop``; waits for the requests in flight."""
     rng, lock, start = random.Random(seed), threading.Lock(), time.monotonic()
     with httpx.Client() as client, ThreadPoolExecutor(max_workers=32) as pool:
-        while not stop.wait(rng.expovariate(rate)):
+        while True:
             pool.submit(stream_one, client, base, rng.choice(PROMPTS), rng.randint(16, 64), result, start, lock)
+            if stop.wait(rng.expovariate(rate)):
+                break
 
 
 def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:
