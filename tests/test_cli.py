@@ -170,3 +170,13 @@ def test_help_lists_every_command_and_shows_defaults(capsys):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "measured" in text and "(default: 240.0)" in text
+
+
+def test_serve_on_a_port_in_use_fails_before_starting_anything(capsys, tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, _, err = run(capsys, "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in one_line_error(err)
+    assert not (tmp_path / "cache" / "embedded-redis").exists()  # no embedded Redis was started

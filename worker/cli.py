@@ -379,6 +379,11 @@ def _engine_error(error: BaseException) -> CommandError:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # before anything starts: a port in use fails at once
+        listener = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                        else socket.AF_INET)
+    except OSError as error:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     import uvicorn
 
     from flexllm.worker.api.app import ApiConfig, create_app
@@ -401,7 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signals = _Signals(drain, force)
     signals.install()
-    with _RedisForCommand(args.redis_url, args.service, args.port) as url:
+    with listener, _RedisForCommand(args.redis_url, args.service, args.port) as url:
         options = _worker_options(args, url)
         metrics = Metrics(options.slo)
         config = ApiConfig(redis_url=url, service=args.service, model_name=args.served_model_name or args.model,
@@ -429,14 +434,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threading.Thread(target=lambda: (engine_thread.join(), setattr(server, "should_exit", True)),
                          name="stop-api-after-engine", daemon=True).start()
         try:
-            server.run()
+            server.run(sockets=[listener])
         finally:
             stop.set()
             engine_thread.join(timeout=args.drain_seconds + 30)
     if worker.failed is not None:
         raise _engine_error(worker.failed)
-    if not server.started:
-        raise CommandError(f"the API could not listen on {args.host}:{args.port} (see the log above)")
     return 0
 
 
