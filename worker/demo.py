@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +203,7 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
     console = Console()
     name, spec = load_job(job_file)
     service = spec.get("inferenceService") or "demo"
+    shutil.rmtree(out_dir / "adapters", ignore_errors=True)  # a fresh job: versions from v1, not a resumed one
     out_dir.mkdir(parents=True, exist_ok=True)
     engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
     rate, slo = size_load(engine_config, rate, slo_ms, console)
