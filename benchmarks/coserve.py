@@ -21,7 +21,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,9 +30,8 @@ from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.latency import FEATURES, LatencyModel
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.coserve.policy import SLO, measure_speed
 from flexllm.worker.engine.llm_engine import LLMEngine
-from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.finetune.runner import FinetuneRunner
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 
@@ -66,18 +64,6 @@ def prompt_ids(index: int, arrival: Arrival) -> list[int]:
     """Token ids for a trace request (only the lengths come from the trace)."""
     rng = random.Random(index)
     return [rng.randrange(100, 40000) for _ in range(arrival.prompt_tokens)]
-
-
-def measure_slo(engine: LLMEngine) -> SLO:
-    """TPOT SLO = 3x a lone request's decode step; TTFT SLO = 10x a lone 128-token prefill (>= 1 s)."""
-    engine.generate([[101] * 16], SamplingParams(max_tokens=4))
-    began = time.perf_counter()
-    engine.generate([[101] * 128], SamplingParams(max_tokens=1))
-    prefill = time.perf_counter() - began
-    began = time.perf_counter()
-    engine.generate([[101] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
-    decode = (time.perf_counter() - began) / 33
-    return SLO(ttft_s=max(1.0, 10 * prefill), tpot_s=3 * decode)
 
 
 def separate_child(args) -> None:
@@ -209,7 +195,7 @@ def main() -> None:
     if args.child:
         return separate_child(args)
     engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
-    slo = measure_slo(engine)
+    slo = measure_speed(engine).slo()
     print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
     profiler = CoServingEngine(engine, slo)
     profiler.profile()

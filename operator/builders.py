@@ -10,6 +10,10 @@ from flexllm.operator.models import InferenceServiceSpec
 PORT = 8000
 ADAPTER_DIR = "/adapters"
 MODEL_DIR = "/models"
+DRAIN_S = 30  # `flexllm serve --drain-seconds`: finish requests in flight and jobs' current steps on SIGTERM
+PRESTOP_S = 5  # the preStop sleep: endpoints drop the pod before SIGTERM stops its admission
+# preStop, drain, the API's 5 s to close its connections, and a margin before SIGKILL
+GRACE_S = PRESTOP_S + DRAIN_S + 5 + 10
 PINNED_DIR = "/pinned"  # pinned adapters' PVCs: pvc://<claim>/<path> at /pinned/<claim>/<path>
 GROUP = "flexllm.ai"
 SERVICE_LABEL = f"{GROUP}/inference-service"
@@ -87,6 +91,7 @@ def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[s
         "--tpot-ms", f"{slo.tpot_ms:g}",
         "--policy", engine.policy,
         "--max-finetune-tokens", str(engine.max_finetune_tokens),
+        "--drain-seconds", str(DRAIN_S),
     ]
     for adapter in spec.adapters:
         args += ["--adapter", f"{adapter.name}={pinned_location(adapter.uri)}"]
@@ -158,6 +163,7 @@ def worker_container(name: str, namespace: str, spec: InferenceServiceSpec, conf
         "startupProbe": http_probe("/healthz", period_s=10, failures=120),
         "livenessProbe": http_probe("/healthz", period_s=10, failures=3),
         "readinessProbe": http_probe("/readyz", period_s=5, failures=3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -180,6 +186,7 @@ def build_deployment(name: str, namespace: str, spec: InferenceServiceSpec, conf
         },
         "containers": [worker_container(name, namespace, spec, config, mounts)],
         "volumes": volumes,
+        "terminationGracePeriodSeconds": GRACE_S,
     }
     if config.worker_service_account:
         pod_spec["serviceAccountName"] = config.worker_service_account

@@ -12,6 +12,7 @@ import kopf
 import redis
 
 from flexllm.worker import protocol
+from flexllm.worker.queue.jobs import JobQueue
 
 
 @contextmanager
@@ -56,12 +57,7 @@ class JobStore:
 
     def cleanup(self, service: str, job: str, namespace: str) -> None:
         """Deletes the job's progress, versions and its not-yet-processed stream entry."""
-        self.client.delete(protocol.job_progress(service, job), protocol.job_versions(service, job))
-        stream = protocol.job_stream(service)
-        for entry_id, fields in self.client.xrange(stream):
-            data = json.loads(fields.get("data", "{}"))
-            if data.get("name") == job and data.get("namespace") == namespace:
-                self.client.xdel(stream, entry_id)
+        JobQueue(self.client, service).delete(job, namespace)
 
     def replicas(self, service: str) -> dict[str, dict[str, str]]:
         """Replica id -> its hash, for every live (not yet expired) replica of the service."""

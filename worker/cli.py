@@ -1,4 +1,4 @@
-"""The ``flexllm`` command: serve, worker, generate, submit, jobs."""
+"""The ``flexllm`` command: demo, serve, worker, generate, submit, jobs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from pathlib import Path
 
 log = logging.getLogger("flexllm")
 
-EMBEDDED_URL_FILE = "embedded-redis-url"  # under the cache dir: how submit/jobs find `flexllm serve`'s Redis
+DEFAULT_SERVICE = "smollm2"  # examples/inferenceservice.yaml's name, which examples/finetunejob.yaml names
+CANCEL_WAIT_S = 10.0  # `jobs delete`: how long a running job's engine gets to stop it
+DRAIN_S = 30.0  # operator/builders.py sizes the pod's grace period from the same default
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line on stderr, exit status 1."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,17 +42,33 @@ def configure_logging(level: str, as_json: bool) -> None:
 
 
 # -- arguments --------------------------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+SERVE_SLO_HELP = ("5000 ms / 75 ms are the InferenceService defaults, sized for a GPU; on a CPU a decode "
+                  "step of the bundled model takes ~35 ms alone, so use e.g. --tpot-ms 300 there "
+                  "(`flexllm demo` measures the machine instead)")
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2-135m", help="bundled name, HF folder, .gguf, file:// or pvc:// URI")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--max-tokens-per-batch", type=int, default=256)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-fraction", type=float, default=0.5)
-    g.add_argument("--max-loras", type=int, default=4)
-    g.add_argument("--max-lora-rank", type=int, default=16)
+    g.add_argument("--max-tokens-per-batch", type=int, default=256, help="tokens one engine iteration computes")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--kv-cache-fraction", type=float, default=0.5, help="share of free memory for the KV cache")
+    g.add_argument("--max-loras", type=int, default=4, help="adapters loaded at once")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank")
 
 
 def _queue_args(p: argparse.ArgumentParser) -> None:
@@ -54,84 +76,123 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-url", default=None,
                    help="redis:// or rediss:// (env FLEXLLM_REDIS_URL; password in the URL or env REDIS_PASSWORD); "
                         "default: an embedded Redis started and stopped with this command")
-    g.add_argument("--service", default=os.environ.get("FLEXLLM_SERVICE", "default"),
-                   help="InferenceService name")
+    g.add_argument("--service", default=os.environ.get("FLEXLLM_SERVICE", DEFAULT_SERVICE),
+                   help="the InferenceService whose requests and FinetuneJobs this process takes (env "
+                        "FLEXLLM_SERVICE); the default is the one examples/finetunejob.yaml names")
     g.add_argument("--adapter-dir", default=os.environ.get("FLEXLLM_ADAPTER_DIR"),
-                   help="adapter store root (default: <cache>/adapters)")
+                   help="adapter store root (env FLEXLLM_ADAPTER_DIR; default: <cache>/adapters)")
     g.add_argument("--reclaim-idle-ms", type=int, default=30_000,
                    help="take over requests a silent engine holds for this long")
+    g.add_argument("--drain-seconds", type=float, default=DRAIN_S,
+                   help="on SIGTERM/SIGINT: time to finish requests in flight and jobs' current steps before "
+                        "handing the rest back to other replicas (a second signal exits at once)")
 
 
 def _coserve_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("co-serving")
+    g = p.add_argument_group("co-serving", SERVE_SLO_HELP)
     g.add_argument("--ttft-ms", type=float, default=5000.0, help="time-to-first-token SLO")
     g.add_argument("--tpot-ms", type=float, default=75.0, help="time-per-output-token SLO")
-    g.add_argument("--policy", default="coserve", choices=["coserve", "temporal", "inference-only", "finetune-only"])
+    g.add_argument("--policy", default="coserve", choices=["coserve", "temporal", "inference-only", "finetune-only"],
+                   help="how inference and fine-tuning share an iteration")
     g.add_argument("--max-finetune-tokens", type=int, default=256, help="fine-tuning tokens per iteration, at most")
     g.add_argument("--data-dir", default=os.environ.get("FLEXLLM_DATA_DIR"),
-                   help="FinetuneJob datasets must live under this folder (default: anywhere)")
+                   help="FinetuneJob datasets must live under this folder (env FLEXLLM_DATA_DIR; default: anywhere)")
     g.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
                    help="a PEFT adapter folder (file:// or pvc:// URI, or path) served from the start; repeatable")
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexllm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None,
+                   help="the service's Redis (env FLEXLLM_REDIS_URL); default: the embedded Redis of the "
+                        "`flexllm serve` running on this machine")
+    p.add_argument("--port", type=int, default=None,
+                   help="with several local `flexllm serve`: the API port of the one to talk to")
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible API + engine loop")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexllm", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=description or text, formatter_class=HelpFormatter)
+
+    demo = command("demo", "everything on this machine: embedded Redis, the bundled model behind the API, "
+                           "the example FinetuneJob co-served with a generated inference load (about a minute)")
+    demo.add_argument("--model", default="smollm2-135m", help="the base model")
+    demo.add_argument("-f", "--file", type=Path, default=Path("examples/finetunejob.yaml"), help="the FinetuneJob")
+    demo.add_argument("--rate", type=float, default=None,
+                      help="inference requests per second (Poisson); default: measured, half of what this "
+                           "machine serves one request at a time")
+    demo.add_argument("--ttft-ms", type=float, default=None,
+                      help="time-to-first-token SLO; default: measured, 10x a lone prefill (at least 1 s). "
+                           "Unlike `serve`'s fixed GPU-sized 5000 ms / 75 ms, the demo sizes its SLOs and rate "
+                           "to the machine so it keeps its pace on a laptop or a loaded CPU")
+    demo.add_argument("--tpot-ms", type=float, default=None,
+                      help="time-per-output-token SLO; default: measured, 3x a lone decode step")
+    demo.add_argument("--max-tokens-per-batch", type=int, default=256, help="tokens one engine iteration computes")
+    demo.add_argument("--max-seconds", type=float, default=240.0,
+                      help="stop the job (cancelled) and report if it has not finished by then")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="plot, summary, adapters")
+    _log_args(demo)
+    demo.set_defaults(log_level="warning")
+
+    serve = command("serve", "OpenAI-compatible API + co-serving engine loop (embedded Redis without --redis-url)",
+                    "OpenAI-compatible API + co-serving engine loop. /readyz turns 200 once a request can be "
+                    "served; until then the API answers 503 with Retry-After. SIGTERM/SIGINT drain: no new "
+                    "requests, those in flight finish (or are handed back), a running job is checkpointed "
+                    "and handed back, then the process exits 0.")
     _engine_args(serve)
     _queue_args(serve)
     _coserve_args(serve)
     _log_args(serve)
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the base model's name in requests")
+    serve.add_argument("--host", default="0.0.0.0", help="listen address")
+    serve.add_argument("--port", type=int, default=8000, help="API port")
+    serve.add_argument("--served-model-name", default=None, help="the base model's name in requests (default: --model)")
     serve.add_argument("--api-key", default=os.environ.get("FLEXLLM_API_KEY"), help="env FLEXLLM_API_KEY")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    serve.add_argument("--max-prompt-tokens", type=int, default=32768)
-    serve.add_argument("--max-queued-requests", type=int, default=1024)
-    serve.add_argument("--request-timeout-s", type=float, default=600.0)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    serve.add_argument("--max-prompt-tokens", type=int, default=32768, help="longest prompt")
+    serve.add_argument("--max-queued-requests", type=int, default=1024, help="queue depth before 429")
+    serve.add_argument("--request-timeout-s", type=float, default=600.0, help="longest wait for a next token")
 
-    worker = sub.add_parser("worker", help="the engine loop alone (consumes the service's request stream)")
+    worker = command("worker", "the engine loop alone (consumes the service's request and job streams)")
     _engine_args(worker)
     _queue_args(worker)
     _coserve_args(worker)
     _log_args(worker)
     worker.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
 
-    generate = sub.add_parser("generate", help="generate offline, no server")
+    generate = command("generate", "generate offline, no server")
     _engine_args(generate)
     _log_args(generate)
     generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.add_argument("--lora", default=None, metavar="NAME=PATH", help="a PEFT adapter folder to apply")
 
-    submit = sub.add_parser("submit", help="queue a FinetuneJob (the custom resource's YAML)")
-    submit.add_argument("-f", "--file", required=True, type=Path)
-    submit.add_argument("--redis-url", default=None)
-    submit.add_argument("--namespace", default="default")
+    submit = command("submit", "queue a FinetuneJob (the custom resource's YAML)")
+    submit.add_argument("-f", "--file", required=True, type=Path, help="the FinetuneJob manifest")
+    _client_args(submit)
+    submit.add_argument("--namespace", default="default", help="unless the manifest names one")
+    submit.add_argument("--model", default="smollm2-135m",
+                        help="whose tokenizer checks a local dataset before queueing (the service's base model)")
+    submit.add_argument("--no-dataset-check", action="store_true",
+                        help="queue without reading the dataset here (it lives where only the worker sees it)")
 
-    demo = sub.add_parser("demo", help="embedded Redis + bundled model: a FinetuneJob co-served with inference")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("-f", "--file", type=Path, default=Path("examples/finetunejob.yaml"), help="the FinetuneJob")
-    demo.add_argument("--rate", type=float, default=1.0, help="inference requests per second (Poisson)")
-    demo.add_argument("--ttft-ms", type=float, default=5000.0)
-    demo.add_argument("--tpot-ms", type=float, default=300.0, help="default sized for a CPU")
-    demo.add_argument("--max-tokens-per-batch", type=int, default=256)
-    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="plot, summary, adapters")
-    _log_args(demo)
-    demo.set_defaults(log_level="warning")
-
-    jobs = sub.add_parser("jobs", help="fine-tuning jobs and their progress")
-    jobs.add_argument("--redis-url", default=None)
+    jobs = command("jobs", "fine-tuning jobs and their progress; `jobs cancel NAME`, `jobs delete NAME`")
+    _client_args(jobs)
     jobs.add_argument("--service", default=None, help="default: all services")
     jobs.add_argument("--watch", action="store_true", help="progress bars until every job has ended")
+    actions = jobs.add_subparsers(dest="action", metavar="ACTION")
+    for action, text in (("cancel", "stop a job (it keeps its progress and versions)"),
+                         ("delete", "cancel a job if it runs, then remove its progress and versions")):
+        p = actions.add_parser(action, help=text, description=text, formatter_class=HelpFormatter)
+        p.add_argument("name", help="the FinetuneJob")
+        p.add_argument("--service", default=None, help="needed only when several services have a job of that name")
     return parser
 
 
@@ -160,11 +221,11 @@ def _worker_options(args: argparse.Namespace, url: str):
     for item in args.adapter:
         name, _, uri = item.partition("=")
         if not uri:
-            sys.exit("--adapter takes NAME=URI")
+            raise CommandError("--adapter takes NAME=URI")
         pinned[name] = str(resolve_model(uri))
     return WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms,
                          SLO(args.ttft_ms / 1000, args.tpot_ms / 1000), args.policy, args.max_finetune_tokens,
-                         args.data_dir, pinned)
+                         args.data_dir, pinned, args.drain_seconds)
 
 
 def _replica() -> str:
@@ -178,59 +239,174 @@ def _parse_job_spec(spec: dict):
 
 
 class _RedisForCommand:
-    """The command's Redis URL; without one, an embedded server for the command's lifetime."""
+    """The command's Redis URL; without one, an embedded server for the command's lifetime, announced to
+    ``submit``/``jobs`` by a state file keyed by service and API port (removed on exit)."""
 
-    def __init__(self, flag: str | None):
+    def __init__(self, flag: str | None, service: str, port: int | None):
         from flexllm.worker.queue.connection import redis_url
 
-        self.url, self.embedded = redis_url(flag), None
+        self.url, self.service, self.port = redis_url(flag), service, port
+        self.embedded = self.state_file = None
 
     def __enter__(self) -> str:
         if self.url is None:
-            from flexllm.worker.engine.loader import cache_dir
-            from flexllm.worker.redis_server import EmbeddedRedis
+            from flexllm.worker.redis_server import EmbeddedRedis, EmbeddedState, write_state
 
             self.embedded = EmbeddedRedis()
             self.url = self.embedded.start()
-            self.url_file = cache_dir() / EMBEDDED_URL_FILE
-            self.url_file.parent.mkdir(parents=True, exist_ok=True)
-            self.url_file.write_text(self.url)
+            self.state_file = write_state(EmbeddedState(self.url, self.service, self.port, os.getpid()))
+            log.info("embedded Redis at %s (for `flexllm submit`/`jobs`: %s)", self.url, self.state_file)
         return self.url
 
     def __exit__(self, *exc: object) -> None:
         if self.embedded is not None:
-            self.url_file.unlink(missing_ok=True)
+            self.state_file.unlink(missing_ok=True)
             self.embedded.stop()
 
 
-def _client_url(flag: str | None) -> str:
-    """For submit/jobs: the flag, env, or the embedded Redis of a running ``flexllm serve``."""
-    from flexllm.worker.engine.loader import cache_dir
-    from flexllm.worker.queue.connection import redis_url
+def _client(args: argparse.Namespace):
+    """For submit/jobs: a client of the flag's or env's Redis, or of the embedded Redis of the one
+    ``flexllm serve`` running here (``--port`` picks among several); says which on stderr."""
+    import redis
 
-    url = redis_url(flag)
-    found = cache_dir() / EMBEDDED_URL_FILE
-    if url is None and found.exists():
-        url = found.read_text().strip()
-    if url is None:
-        sys.exit("no Redis: pass --redis-url (or set FLEXLLM_REDIS_URL), or start `flexllm serve` first")
-    return url
+    from flexllm.worker.queue.connection import connect, redacted, redis_url
+    from flexllm.worker.redis_server import running_states
+
+    url = redis_url(args.redis_url)
+    if url is not None:
+        where = redacted(url)
+    else:
+        states = [s for s in running_states() if args.port is None or s.port == args.port]
+        if not states:
+            raise CommandError("no Redis: no `flexllm serve` with an embedded Redis runs here"
+                               + (f" on port {args.port}" if args.port is not None else "")
+                               + "; start one, or pass --redis-url (or set FLEXLLM_REDIS_URL)")
+        if len(states) > 1:
+            raise CommandError("several `flexllm serve` run here: " + "; ".join(s.describe() for s in states)
+                               + ": choose one with --port or --redis-url")
+        url, where = states[0].url, states[0].describe()
+    print(f"Redis: {where}", file=sys.stderr)
+    client = connect(url)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise CommandError(f"Redis at {redacted(url)} is unreachable: {error}") from None
+    except redis.AuthenticationError as error:
+        raise CommandError(f"Redis at {redacted(url)} refused the password: {error}") from None
+    return client
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+def served_services(client) -> set[str]:
+    """Services with at least one live replica (replica hashes expire when a replica stops reporting)."""
+    from flexllm.worker import protocol
+
+    prefix = f"{protocol.PREFIX}:"
+    return {key.removeprefix(prefix).partition(":replica:")[0]
+            for key in client.scan_iter(match=protocol.replica_pattern("*"), count=500)}
+
+
+def _unserved(service: str, served: set[str]) -> str:
+    others = ", ".join(repr(s) for s in sorted(served)) or "none"
+    return (f"no replica serves service {service!r} (served here: {others}); start one with "
+            f"`flexllm serve --service {service}` or change spec.inferenceService")
+
+
+def _check_dataset(spec, file: Path, model: str) -> None:
+    """A local dataset must exist and hold valid lines (checked with ``model``'s tokenizer, the first
+    200 valid lines at most); a few bad lines are a warning, as the worker skips them."""
+    from transformers import AutoTokenizer
+
+    from flexllm.worker.engine.loader import resolve_model
+    from flexllm.worker.finetune.data import DatasetError, SequenceStream
+
+    path = spec.dataset.resolve()
+    if not path.is_file():
+        raise CommandError(f"{file}: dataset {str(path)!r} not found (relative paths resolve against the current "
+                           "directory; pass --no-dataset-check if only the worker sees it)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    try:
+        stream = SequenceStream(path, spec.dataset.format, tokenizer, spec.training.max_seq_len)
+    except DatasetError as error:
+        raise CommandError(f"{file}: {error}") from None
+    for _ in stream.read_epoch():
+        if stream.stats.valid >= 200:
+            break
+    stats = stream.stats
+    if not stats.valid:
+        raise CommandError(f"{file}: dataset {str(path)!r} has no valid {spec.dataset.format} line; first error: "
+                           f"{stats.first_error or 'the file is empty'}")
+    if stats.first_error:
+        print(f"warning: {path}: some lines are invalid and will be skipped, first: {stats.first_error}",
+              file=sys.stderr)
+
+
+def _format_eta(seconds: str | None) -> str:
+    if not seconds:
+        return ""
+    s = int(float(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _format_loss(loss: str | None) -> str:
+    return f"{float(loss):.3f}" if loss else ""
+
+
+class _Signals:
+    """SIGTERM/SIGINT: the first one calls ``drain``; a second one calls ``force`` (exit without draining)."""
+
+    def __init__(self, drain, force):
+        self.drain, self.force, self.received = drain, force, 0
+
+    def __call__(self, sig: int, frame: object = None) -> None:
+        self.received += 1
+        if self.received == 1:
+            log.warning("%s: draining (send it again to exit at once)", signal.Signals(sig).name)
+            self.drain()
+        else:
+            self.force()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+
+def _engine_error(error: BaseException) -> CommandError:
+    log.debug("engine failure", exc_info=error)
+    return CommandError(f"the engine stopped: {type(error).__name__}: {error}")
 
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # before anything starts: a port in use fails at once
+        listener = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                        else socket.AF_INET)
+    except OSError as error:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     import uvicorn
 
     from flexllm.worker.api.app import ApiConfig, create_app
     from flexllm.worker.metrics import Metrics
     from flexllm.worker.serving import EngineWorker
 
-    with _RedisForCommand(args.redis_url) as url:
+    stop = threading.Event()
+    server: uvicorn.Server | None = None
+    api = None
+
+    def drain() -> None:  # no new requests; the engine finishes or hands back its work, then the API stops
+        if api is not None:
+            api.draining = True
+        stop.set()
+
+    def force() -> None:
+        stop.set()
+        if server is not None:
+            server.should_exit = server.force_exit = True
+
+    signals = _Signals(drain, force)
+    signals.install()
+    with listener, _RedisForCommand(args.redis_url, args.service, args.port) as url:
         options = _worker_options(args, url)
         metrics = Metrics(options.slo)
         config = ApiConfig(redis_url=url, service=args.service, model_name=args.served_model_name or args.model,
@@ -238,19 +414,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
                            api_key=args.api_key)
         app = create_app(config, metrics)
+        api = app.state.api
+
+        class DrainingServer(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: object) -> None:  # uvicorn's own would stop the API at once
+                signals(sig, frame)
+
+        server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                                               timeout_graceful_shutdown=5))
+
+        def engine_failed(error: BaseException) -> None:
+            api.engine_failed(error)
+            server.should_exit = True
+
         worker = EngineWorker(_engine_config(args), options, metrics, _parse_job_spec,
-                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
-                              on_failure=app.state.api.engine_failed)
-        stop = threading.Event()
+                              on_ready=lambda e: api.attach_model(e.tokenizer, e.max_model_len),
+                              on_failure=engine_failed)
         engine_thread = worker.start_thread(stop)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
-                                               timeout_graceful_shutdown=30))
+        threading.Thread(target=lambda: (engine_thread.join(), setattr(server, "should_exit", True)),
+                         name="stop-api-after-engine", daemon=True).start()
         try:
-            server.run()
+            server.run(sockets=[listener])
         finally:
             stop.set()
-            engine_thread.join(timeout=60)
-    return 0 if worker.failed is None else 1
+            engine_thread.join(timeout=args.drain_seconds + 30)
+    if worker.failed is not None:
+        raise _engine_error(worker.failed)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -259,14 +449,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from flexllm.worker.metrics import Metrics
     from flexllm.worker.serving import EngineWorker
 
-    with _RedisForCommand(args.redis_url) as url:
+    stop = threading.Event()
+
+    def force() -> None:
+        raise SystemExit(1)
+
+    _Signals(stop.set, force).install()
+    with _RedisForCommand(args.redis_url, args.service, None) as url:
         options = _worker_options(args, url)
         metrics = Metrics(options.slo)
         if args.metrics_port is not None:
             start_http_server(args.metrics_port, registry=metrics.registry)
-        stop = threading.Event()
-        _stop_on_signals(stop)
-        EngineWorker(_engine_config(args), options, metrics, _parse_job_spec).run(stop)
+        try:
+            EngineWorker(_engine_config(args), options, metrics, _parse_job_spec).run(stop)
+        except Exception as error:  # the reason in one line; the traceback with --log-level debug
+            raise _engine_error(error) from None
     return 0
 
 
@@ -274,12 +471,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flexllm.worker.engine.llm_engine import LLMEngine
     from flexllm.worker.engine.sampling import SamplingParams
 
-    engine = LLMEngine(_engine_config(args))
     lora = None
     if args.lora:
         lora, _, path = args.lora.partition("=")
         if not path:
-            sys.exit("--lora takes NAME=PATH")
+            raise CommandError("--lora takes NAME=PATH")
+    engine = LLMEngine(_engine_config(args))
+    if lora:
         engine.add_lora(lora, path)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     for out in engine.generate(args.prompt, params, lora=lora, use_tqdm=True):
@@ -287,44 +485,99 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def read_job_manifest(file: Path) -> tuple[str, dict, dict]:
+    """A FinetuneJob manifest -> (name, metadata, spec), or a ``CommandError`` saying what is wrong."""
     import yaml
 
-    from flexllm.worker.queue.connection import connect, with_backoff
+    try:
+        manifest = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise CommandError(f"{file}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "FinetuneJob":
+        raise CommandError(f"{file}: expected a FinetuneJob manifest (kind: FinetuneJob)")
+    metadata, spec = manifest.get("metadata") or {}, manifest.get("spec") or {}
+    if not metadata.get("name"):
+        raise CommandError(f"{file}: metadata.name is missing")
+    return metadata["name"], metadata, spec
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
-    manifest = yaml.safe_load(args.file.read_text())
-    if not isinstance(manifest, dict) or manifest.get("kind") != "FinetuneJob":
-        sys.exit(f"{args.file}: expected a FinetuneJob manifest (kind: FinetuneJob)")
-    name = (manifest.get("metadata") or {}).get("name")
-    spec = manifest.get("spec") or {}
-    if not name:
-        sys.exit(f"{args.file}: metadata.name is missing")
+    name, metadata, spec = read_job_manifest(args.file)
     try:
         parsed = _parse_job_spec(spec)
-    except ValueError as error:
-        sys.exit(f"{args.file}: invalid spec: {error}")
-    service = parsed.inference_service or "default"
-    url = _client_url(args.redis_url)
-    queue = JobQueue(connect(url), service)
-    namespace = (manifest.get("metadata") or {}).get("namespace", args.namespace)
-    queued = with_backoff(lambda: queue.submit(JobSubmission(name, namespace, spec)), "submit", url, attempts=5)
-    if not queued:
-        sys.exit(f"job {name!r} already exists in service {service!r}")
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise CommandError(f"{args.file}: invalid spec: {problems}") from None
+    if not args.no_dataset_check:
+        _check_dataset(parsed, args.file, args.model)
+    service = parsed.inference_service or DEFAULT_SERVICE
+    client = _client(args)
+    queue = JobQueue(client, service)
+    if not queue.submit(JobSubmission(name, metadata.get("namespace", args.namespace), spec)):
+        raise CommandError(f"job {name!r} already exists in service {service!r} (`flexllm jobs delete {name}`)")
     print(f"finetunejob {name} queued on service {service}")
+    served = served_services(client)
+    if service not in served:
+        print(f"warning: {_unserved(service, served)}; the job stays Queued until then", file=sys.stderr)
     return 0
 
 
 def _job_rows(client, service: str | None) -> list[dict]:
     from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
+    served = served_services(client)
     rows = []
     for svc, job in list_jobs(client, service):
         queue = JobQueue(client, svc)
         latest = queue.latest_version(job)
-        rows.append({"service": svc, "job": job, **queue.progress(job),
-                     "adapter": f"{job}@v{latest['version']}" if latest else ""})
+        row = {"service": svc, "job": job, **queue.progress(job),
+               "adapter": f"{job}@v{latest['version']}" if latest else ""}
+        if row.get("phase") in ("Pending", "Queued") and svc not in served:
+            row["message"] = _unserved(svc, served)
+        rows.append(row)
     return rows
+
+
+def _find_job(client, name: str, service: str | None) -> str:
+    """The service of job ``name``; a ``CommandError`` if there is none or several."""
+    from flexllm.worker.queue.jobs import list_jobs
+
+    services = [svc for svc, job in list_jobs(client, service) if job == name]
+    if not services:
+        raise CommandError(f"no job {name!r}" + (f" in service {service!r}" if service else ""))
+    if len(services) > 1:
+        raise CommandError(f"job {name!r} exists in services {', '.join(services)}: choose one with --service")
+    return services[0]
+
+
+def _cancel_or_delete(client, args: argparse.Namespace) -> int:
+    import time
+
+    from flexllm.worker.protocol import TERMINAL_PHASES
+    from flexllm.worker.queue.jobs import JobQueue
+
+    service = _find_job(client, args.name, args.service)
+    queue = JobQueue(client, service)
+    phase = queue.progress(args.name).get("phase")
+    if phase not in TERMINAL_PHASES:
+        queue.cancel(args.name)  # a running job stops at the engine's next check (within a second)
+        if phase != "Running":
+            queue.set_progress(args.name, phase="Cancelled", message="cancelled before it started")
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while args.action == "delete" and queue.progress(args.name).get("phase") == "Running" \
+                and time.monotonic() < deadline:  # its engine would write progress again after the delete
+            time.sleep(0.2)
+    if args.action == "delete":
+        queue.delete(args.name)
+        print(f"finetunejob {args.name} deleted from service {service}")
+    else:
+        print(f"finetunejob {args.name} cancelled on service {service}" if phase not in TERMINAL_PHASES
+              else f"finetunejob {args.name} had already ended ({phase})")
+    return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -332,17 +585,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from flexllm.worker import protocol
-    from flexllm.worker.queue.connection import connect
 
-    client = connect(_client_url(args.redis_url))
+    client = _client(args)
+    if args.action is not None:
+        return _cancel_or_delete(client, args)
     if args.watch:
         return _watch_jobs(client, args.service)
     table = Table("SERVICE", "JOB", "PHASE", "PROGRESS", "LOSS", "TOKENS/S", "ETA", "ADAPTER", "MESSAGE")
     for row in _job_rows(client, args.service):
         step, total = int(row.get("step") or 0), int(row.get("total_steps") or 0)
         progress = f"{step}/{total} ({100 * step // total}%)" if total else str(step)
-        table.add_row(row["service"], row["job"], row.get("phase", ""), progress, row.get("loss", ""),
-                      row.get("tokens_per_second", ""), row.get("eta_seconds", ""), row["adapter"],
+        table.add_row(row["service"], row["job"], row.get("phase", ""), progress, _format_loss(row.get("loss")),
+                      row.get("tokens_per_second", ""), _format_eta(row.get("eta_seconds")), row["adapter"],
                       row.get("message", ""))
     Console().print(table if table.row_count else f"no jobs (Redis prefix {protocol.PREFIX}:)")
     return 0
@@ -367,20 +621,20 @@ def _watch_jobs(client, service: str | None) -> int:
                     tasks[key] = bars.add_task(key, total=None, phase="", loss="")
                 total = int(row.get("total_steps") or 0) or None
                 bars.update(tasks[key], completed=int(row.get("step") or 0), total=total,
-                            phase=row.get("phase", ""), loss=row.get("loss", "-"))
+                            phase=row.get("phase", ""), loss=_format_loss(row.get("loss")) or "-")
             if not rows or all(row.get("phase") in TERMINAL_PHASES for row in rows):
                 return 0
             time.sleep(1.0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flexllm.worker.coserve.policy import SLO
     from flexllm.worker.demo import run_demo
 
     if not args.file.exists():
-        sys.exit(f"{args.file} not found: run the demo from the repository root or pass -f")
-    summary = run_demo(args.file, args.model, args.rate, SLO(args.ttft_ms / 1000, args.tpot_ms / 1000),
-                       args.output, args.max_tokens_per_batch)
+        raise CommandError(f"{args.file} not found: run the demo from the repository root or pass -f")
+    slo_ms = (args.ttft_ms, args.tpot_ms)
+    summary = run_demo(args.file, args.model, args.rate, slo_ms, args.output, args.max_tokens_per_batch,
+                       args.max_seconds)
     return 0 if summary["phase"] == "Succeeded" else 1
 
 
@@ -389,10 +643,23 @@ COMMANDS = {"demo": cmd_demo, "serve": cmd_serve, "worker": cmd_worker, "generat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; what the user can fix comes out as one line on stderr and exit status 1."""
+    import redis
+
     args = build_parser().parse_args(argv)
-    if hasattr(args, "log_level"):
-        configure_logging(args.log_level, args.log_json)
-    return COMMANDS[args.command](args)
+    configure_logging(getattr(args, "log_level", "warning"), getattr(args, "log_json", False))
+    try:
+        return COMMANDS[args.command](args)
+    except CommandError as error:
+        message = str(error)
+    except OSError as error:  # a missing or unreadable file
+        message = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+    except redis.RedisError as error:  # Redis went away during the command
+        message = f"Redis: {error}"
+    except KeyboardInterrupt:
+        return 130
+    print(f"flexllm {args.command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -22,8 +23,9 @@ import yaml
 
 from flexllm.worker import protocol
 from flexllm.worker.api.app import ApiConfig, create_app
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.coserve.policy import SLO, measure_speed
 from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.metrics import Metrics
 from flexllm.worker.net import free_port
@@ -110,11 +112,13 @@ def stream_one(client: httpx.Client, base: str, prompt: str, max_tokens: int, re
 
 
 def drive_load(base: str, rate: float, stop: threading.Event, result: LoadResult, seed: int = 0) -> None:
-    """Poisson arrivals at ``rate`` req/s until ``stop``; waits for the requests in flight."""
+    """Poisson arrivals at ``rate`` req/s (the first at once) until ``stop``; waits for the requests in flight."""
     rng, lock, start = random.Random(seed), threading.Lock(), time.monotonic()
     with httpx.Client() as client, ThreadPoolExecutor(max_workers=32) as pool:
-        while not stop.wait(rng.expovariate(rate)):
+        while True:
             pool.submit(stream_one, client, base, rng.choice(PROMPTS), rng.randint(16, 64), result, start, lock)
+            if stop.wait(rng.expovariate(rate)):
+                break
 
 
 def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:
@@ -130,19 +134,83 @@ def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:
         time.sleep(0.2)
 
 
-def run_demo(job_file: Path, model: str, rate: float, slo: SLO, out_dir: Path, max_tokens_per_batch: int) -> dict:
+MEAN_OUTPUT_TOKENS = 40  # of the generated requests (16-64)
+LOAD_FRACTION = 0.5  # the default rate: half of what the machine serves one request at a time
+MAX_RATE = 4.0
+
+
+def size_load(engine_config: EngineConfig, rate: float | None, slo_ms: tuple[float | None, float | None],
+              console) -> tuple[float, SLO]:
+    """The load's rate and SLOs: given, or measured now from a lone request's latency on this machine (as
+    benchmarks/coserve.py derives its SLOs), so the demo keeps its pace on a fast GPU and on a busy CPU."""
+    ttft_ms, tpot_ms = slo_ms
+    if rate is not None and ttft_ms is not None and tpot_ms is not None:
+        return rate, SLO(ttft_ms / 1000, tpot_ms / 1000)
+    with console.status("measuring this machine..."):
+        engine = LLMEngine(replace(engine_config, num_kv_blocks=64))
+        speed = measure_speed(engine)
+        del engine
+    measured = speed.slo()
+    slo = SLO(ttft_ms / 1000 if ttft_ms is not None else measured.ttft_s,
+              tpot_ms / 1000 if tpot_ms is not None else measured.tpot_s)
+    if rate is None:
+        rate = min(MAX_RATE, LOAD_FRACTION / speed.request_s(MEAN_OUTPUT_TOKENS))
+    console.print(f"this machine: a lone {speed.prefill_tokens}-token prefill {speed.prefill_s * 1000:.0f} ms, "
+                  f"a decode step {speed.decode_s * 1000:.0f} ms")
+    return rate, slo
+
+
+class ProgressLines:
+    """Progress as bars on a terminal, as a plain line per step (and every 10 s) otherwise."""
+
+    def __init__(self, console, name: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console, self.name, self.began = console, name, time.monotonic()
+        self.bars = None
+        self.printed: tuple[int, float] = (-1, 0.0)  # step and time of the last plain line
+        if console.is_terminal:
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+            self.task = self.bars.add_task(f"fine-tuning {name}", total=None, status="")
+
+    def __enter__(self) -> ProgressLines:
+        if self.bars is not None:
+            self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.__exit__(*exc)
+
+    def update(self, step: int, total: int | None, status: str) -> None:
+        if self.bars is not None:
+            self.bars.update(self.task, completed=step, total=total, status=status)
+            return
+        now = time.monotonic()
+        if step != self.printed[0] or now - self.printed[1] >= 10:
+            print(f"[{now - self.began:4.0f} s] fine-tuning {self.name}: step {step}/{total or '?'} {status}",
+                  flush=True)
+            self.printed = (step, now)
+
+
+def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float | None, float | None],
+             out_dir: Path, max_tokens_per_batch: int, max_seconds: float) -> dict:
+    """The demo; ``slo_ms`` (TTFT, TPOT) and ``rate`` that are None are measured; the job is cancelled if
+    it has not finished ``max_seconds`` after it was queued."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
     name, spec = load_job(job_file)
     service = spec.get("inferenceService") or "demo"
+    shutil.rmtree(out_dir / "adapters", ignore_errors=True)  # a fresh job: versions from v1, not a resumed one
     out_dir.mkdir(parents=True, exist_ok=True)
+    engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
+    rate, slo = size_load(engine_config, rate, slo_ms, console)
     with EmbeddedRedis() as url:
         metrics = Metrics(slo)
         app = create_app(ApiConfig(redis_url=url, service=service, model_name="base"), metrics)
         options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo)
-        engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
         worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
                               on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
                               on_failure=app.state.api.engine_failed)
@@ -159,32 +227,35 @@ def run_demo(job_file: Path, model: str, rate: float, slo: SLO, out_dir: Path, m
             client = connect(url)
             queue = JobQueue(client, service)
             queue.submit(JobSubmission(name, "default", spec))
-            console.print(f"[bold]FinetuneJob {name}[/] queued on service {service}; inference load: {rate} req/s "
-                          f"(SLOs: TTFT {slo.ttft_s * 1000:.0f} ms, TPOT {slo.tpot_s * 1000:.0f} ms)")
+            console.print(f"FinetuneJob {name} queued on service {service}; inference load: {rate:.2f} req/s "
+                          f"(SLOs: TTFT {slo.ttft_s * 1000:.0f} ms, TPOT {slo.tpot_s * 1000:.0f} ms); "
+                          f"stops after {max_seconds:.0f} s at most", highlight=False)
             load = LoadResult(slo)
             load_thread = threading.Thread(target=drive_load, args=(base, rate, stop_load, load), daemon=True)
             load_thread.start()
             began = time.monotonic()
             progress_log = []
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console) as bars:
-                task = bars.add_task(f"fine-tuning {name}", total=None, status="")
+            with ProgressLines(console, name) as progress:
                 while True:
                     p = queue.progress(name)
                     step, total = int(p.get("step") or 0), int(p.get("total_steps") or 0) or None
                     if not progress_log or progress_log[-1][1] != step:
                         progress_log.append((time.monotonic() - began, step, float(p.get("loss") or "nan")))
                     loss = f"{float(p['loss']):.3f}" if p.get("loss") else "-"
-                    bars.update(task, completed=step, total=total, status=(
-                        f"{p.get('phase', '?')} loss {loss} | requests {load.done} "
-                        f"SLO {load.attainment:.0%}"))
+                    progress.update(step, total, f"{p.get('phase', '?')} loss {loss} | requests {load.done} "
+                                                 f"SLO {load.attainment:.0%}")
                     if p.get("phase") in protocol.TERMINAL_PHASES or worker.failed is not None:
                         break
+                    if time.monotonic() - began > max_seconds:
+                        queue.cancel(name)
+                        console.print(f"time limit: {max_seconds:.0f} s passed, cancelling {name} at step {step}")
+                        max_seconds = float("inf")  # wait for the engine to mark it Cancelled
                     time.sleep(0.5)
             elapsed = time.monotonic() - began
             stop_load.set()
-            load_thread.join(timeout=300)
+            load_thread.join(timeout=60)
             summary = summarize(name, queue, client, load, elapsed, base, spec, slo)
+            summary["rate"] = rate
             plot(out_dir / "demo.png", load, progress_log, name)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print_summary(console, summary, out_dir)

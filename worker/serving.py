@@ -62,16 +62,35 @@ class ServingLoop:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event, drain_s: float = 30.0) -> None:
-        """Iterate until ``stop``; then finish the requests in flight (up to ``drain_s``) without taking more."""
+        """Iterate until ``stop``; then drain (``drain``) for up to ``drain_s``."""
         self.requests.ensure_group()
         if self.jobs is not None:
             self.jobs.queue.ensure_group()
         delay = 0.5
         while not stop.is_set():
             delay = self._guarded(self.run_once, delay, stop)
+        self.drain(drain_s)
+
+    def drain(self, drain_s: float) -> None:
+        """Take nothing new; for up to ``drain_s`` finish the requests in flight and let each job finish its
+        current step (it is then checkpointed as a version and handed back); hand back whatever is left.
+
+        Handed back = left pending in the stream, idle, so another engine reclaims it at once: a request
+        resumes after the tokens already streamed, a job from its latest version.
+        """
+        handler = self.jobs.handler if self.jobs is not None else None
         deadline = time.monotonic() + drain_s
-        while (self.active or self.outbox) and time.monotonic() < deadline:
-            delay = self._guarded(self.drain_once, delay, threading.Event())
+        try:
+            if handler is not None:
+                handler.drain()
+            while (self.active or self.outbox or (handler is not None and handler.has_work())) \
+                    and time.monotonic() < deadline:
+                self.drain_once()
+            self.hand_back()
+            if handler is not None:
+                handler.hand_back()
+        except TRANSIENT_ERRORS as error:  # what is in flight stays pending: reclaimed after the idle time
+            log.error("Redis unreachable while draining (%s): in-flight work is left for reclaim", error)
 
     @staticmethod
     def _guarded(iteration, delay: float, stop: threading.Event) -> float:
@@ -146,6 +165,19 @@ class ServingLoop:
             self.active[rid] = ActiveRequest(claimed.entry_id, len(request.prompt_token_ids), len(resumed),
                                              params.logprobs is not None)
 
+    def hand_back(self) -> None:
+        """Abort the requests in flight and leave them to another engine, which resumes each one after
+        the tokens this one streamed (flushed first)."""
+        self.flush()
+        entries = []
+        for rid, active in self.active.items():
+            self.engine.abort(rid)
+            entries.append(active.entry_id)
+        self.active.clear()
+        self.requests.hand_back(entries)
+        if entries:
+            log.info("handed back %d unfinished requests", len(entries))
+
     def _fail(self, entry_id: str, request_id: str, chunk: OutputChunk) -> None:
         self.outbox.append((request_id, chunk))
         self.done.append(entry_id)
@@ -204,6 +236,7 @@ class WorkerOptions:
     max_finetune_tokens: int = 256
     data_dir: str | None = None  # where FinetuneJob datasets may live (None: anywhere)
     pinned_adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, served from start
+    drain_s: float = 30.0  # on stop: how long to finish requests in flight and jobs' current steps
 
 
 class EngineWorker:
@@ -243,7 +276,7 @@ class EngineWorker:
         if self.on_ready is not None:
             self.on_ready(engine)
         try:
-            loop.run(stop)
+            loop.run(stop, opts.drain_s)
         finally:
             adapters.stop()
             client.close()

@@ -129,3 +129,11 @@ def test_service_selects_the_worker_pods():
     assert deployment["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
     assert service["spec"]["ports"][0]["port"] == builders.PORT
     assert builders.endpoint("ns", "m") == "http://m.ns.svc:8000/v1"
+
+
+def test_worker_pod_drains_within_its_grace_period():
+    pod = builders.build_deployment("m", "ns", spec(), CONFIG)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    drain = float(flag(container["args"], "--drain-seconds"))
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(builders.PRESTOP_S)]
+    assert pod["terminationGracePeriodSeconds"] >= builders.PRESTOP_S + drain + 5  # + the API's close

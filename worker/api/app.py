@@ -28,6 +28,7 @@ from flexllm.worker.queue.messages import InferenceRequest
 from flexllm.worker.queue.requests import RequestProducer
 
 log = logging.getLogger(__name__)
+LOADING_RETRY_AFTER_S = 5
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ApiState:
         self.max_model_len = 0
         self.created = int(time.time())
         self.engine_error: str | None = None  # set when the engine loop died: /healthz then fails
+        self.draining = False  # set on SIGTERM/SIGINT: no new requests, /readyz fails
 
     def engine_failed(self, error: BaseException) -> None:
         self.engine_error = f"{type(error).__name__}: {error}"
@@ -65,8 +67,15 @@ class ApiState:
         return self.tokenizer is not None
 
     def require_ready(self) -> None:
+        """503 with ``Retry-After`` unless a request can be served now (model loaded, not shutting down)."""
+        if self.engine_error is not None:
+            raise APIError(503, f"the engine stopped: {self.engine_error}", code="engine_stopped")
+        if self.draining:
+            raise APIError(503, "this replica is shutting down; retry on another", code="shutting_down",
+                           retry_after_s=1)
         if not self.model_ready:
-            raise APIError(503, "the model is still loading; retry shortly", code="not_ready")
+            raise APIError(503, "the model is still loading; retry shortly", code="loading",
+                           retry_after_s=LOADING_RETRY_AFTER_S)
 
     async def adapter_versions(self):
         try:
@@ -116,9 +125,9 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
             redis_ok = bool(await state.redis.ping())
         except TRANSIENT_ERRORS:
             redis_ok = False
-        ready = redis_ok and state.model_ready and state.engine_error is None
-        return JSONResponse({"ready": ready, "model": state.model_ready, "redis": redis_ok},
-                            status_code=200 if ready else 503)
+        ready = redis_ok and state.model_ready and state.engine_error is None and not state.draining
+        return JSONResponse({"ready": ready, "model": state.model_ready, "redis": redis_ok,
+                             "draining": state.draining}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -126,6 +135,7 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
+        state.require_ready()
         versions = await state.adapter_versions()
         base = config.model_name
 

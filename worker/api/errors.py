@@ -14,10 +14,11 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str | None = None):
+                 kind: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ERROR_TYPES.get(status, "Error")
+        self.retry_after_s = retry_after_s  # sent as ``Retry-After``
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -27,8 +28,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(error: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
     return JSONResponse(error_body(error.status, error.message, error.param, error.code, error.kind),
-                        status_code=error.status)
+                        status_code=error.status, headers=headers)
 
 
 async def _api_error(_: Request, error: APIError) -> JSONResponse:

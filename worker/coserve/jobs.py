@@ -31,6 +31,7 @@ class CoServingJobs:
         self.queue, self.coserve, self.publisher, self.consumer = queue, coserve, publisher, consumer
         self.metrics, self.data_root = metrics, data_root
         self.entries: dict[str, str] = {}  # job -> its pending stream entry
+        self.draining = False  # a job is handed back once it finishes its current step
         self._next_check = 0.0
 
     def accept(self, job: JobSubmission, spec: FinetuneJobSpec, entry_id: str) -> None:
@@ -73,11 +74,46 @@ class CoServingJobs:
                 self.coserve.remove_job(name)
                 self._report(name, job.runner, "Succeeded", "finished")
                 self._end(name, self.entries.pop(name), None)
+        if self.draining:
+            self._hand_back_held()
         if time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + CHECK_EVERY_S
             self._check_cancelled()
             self.queue.heartbeat(self.consumer, list(self.entries.values()))
         return result.outputs
+
+    def drain(self) -> None:
+        """Stopping: each job finishes its current step, starts no other, and is then handed back."""
+        self.draining = True
+        for job in self.coserve.jobs.values():
+            job.runner.hold_at_step_boundary = True
+        self._hand_back_held()
+
+    def _hand_back_held(self) -> None:
+        """Hand back the jobs at a step boundary, their steps since the latest version published first."""
+        for name, job in list(self.coserve.jobs.items()):
+            if job.runner.at_step_boundary and name in self.entries:
+                latest = self.queue.latest_version(name)
+                self._hand_back(name, checkpoint=job.runner.step > (latest["step"] if latest else 0))
+
+    def hand_back(self) -> None:
+        """Hand back the jobs still here (mid-step: the partial step is lost, they resume from their latest
+        version)."""
+        for name in list(self.entries):
+            self._hand_back(name, checkpoint=False)
+
+    def _hand_back(self, name: str, checkpoint: bool) -> None:
+        """Leave a job to another replica, which resumes it from its latest version; ``checkpoint``
+        publishes the runner's state as that version first (only at a step boundary)."""
+        runner = self.coserve.remove_job(name)
+        if checkpoint and runner is not None:
+            runner.publish()
+            self._report(name, runner, "Running")
+        latest = self.queue.latest_version(name)
+        resume = f"v{latest['version']} (step {latest['step']})" if latest else "the start"
+        self.queue.set_progress(name, phase="Queued", message=f"handed back by {self.consumer}: resumes from {resume}")
+        self.queue.hand_back(self.consumer, [self.entries.pop(name)])
+        log.info("job %s handed back: resumes from %s", name, resume)
 
     def _check_cancelled(self) -> None:
         for name in list(self.entries):

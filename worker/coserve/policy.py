@@ -12,6 +12,7 @@ inference iteration may last; all of it when no request waits), ``inference-only
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
@@ -31,6 +32,39 @@ class SLO:
     def met(self, ttft_s: float, tpot_s: float | None) -> bool:
         """Both must hold; a one-token output has no TPOT."""
         return ttft_s <= self.ttft_s and (tpot_s is None or tpot_s <= self.tpot_s)
+
+
+@dataclass(frozen=True)
+class MachineSpeed:
+    """A lone request's latency on this machine, measured at start (``measure_speed``)."""
+
+    prefill_s: float  # a lone prefill of ``prefill_tokens`` tokens
+    decode_s: float  # a lone decode step
+    prefill_tokens: int
+
+    def slo(self) -> SLO:
+        """SLOs this machine can keep: TTFT 10x a lone prefill (at least 1 s), TPOT 3x a lone decode step."""
+        return SLO(ttft_s=max(1.0, 10 * self.prefill_s), tpot_s=3 * self.decode_s)
+
+    def request_s(self, output_tokens: int) -> float:
+        """How long one request with ``output_tokens`` tokens takes alone."""
+        return self.prefill_s + output_tokens * self.decode_s
+
+
+def measure_speed(engine) -> MachineSpeed:
+    """Time a lone prefill (128 tokens, or half the context if shorter) and a lone decode step of an
+    ``LLMEngine`` (after a warm-up)."""
+    from flexllm.worker.engine.sampling import SamplingParams
+
+    token = min(101, len(engine.tokenizer) - 1)
+    n = min(128, engine.max_model_len // 2)
+    engine.generate([[token] * 16], SamplingParams(max_tokens=4))
+    began = time.perf_counter()
+    engine.generate([[token] * n], SamplingParams(max_tokens=1))
+    prefill = time.perf_counter() - began
+    began = time.perf_counter()
+    engine.generate([[token] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
+    return MachineSpeed(prefill, (time.perf_counter() - began) / 33, n)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class FinetuneRunner:
         self._step_loss = 0.0
         self._step_tokens = 0
         self._began = 0.0  # when the unit in progress was planned
+        self.hold_at_step_boundary = False  # stopping: plan nothing of a next step (``at_step_boundary``)
         torch.manual_seed(training.seed)
         if resume and self.latest_folder() is not None:
             self.resume()
@@ -106,6 +107,11 @@ class FinetuneRunner:
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """Between optimizer steps (no micro-batch of the next one started): ``state_dict`` can be taken."""
+        return self._work is None and not self._queue
 
     @property
     def next_work_is_backward(self) -> bool:
@@ -122,11 +128,12 @@ class FinetuneRunner:
         return self.finish_work(unit)
 
     def plan_work(self, token_budget: int) -> Unit | None:
-        """The next unit (None: the job is done). Run its layers, alone or riding an inference forward
-        (``LLMEngine.execute(batch, riders)``), then ``finish_work`` it before planning another."""
+        """The next unit (None: the job is done, or held at a step boundary). Run its layers, alone or
+        riding an inference forward (``LLMEngine.execute(batch, riders)``), then ``finish_work`` it before
+        planning another."""
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
-        if self.done:
+        if self.done or (self.hold_at_step_boundary and self.at_step_boundary):
             return None
         self._began = time.perf_counter()
         return (self._work or self._next_batch()).plan(token_budget)
@@ -199,7 +206,7 @@ class FinetuneRunner:
 
     def state_dict(self) -> dict:
         """Everything beyond the adapter weights needed to resume at this step boundary."""
-        if self._work is not None or self._queue:
+        if not self.at_step_boundary:
             raise RuntimeError("a checkpoint is only taken between optimizer steps")
         return {
             "step": self.step,

@@ -64,6 +64,15 @@ def ensure_group(client: redis.Redis, stream: str) -> None:
             raise
 
 
+HANDED_BACK_IDLE_MS = 10**9  # longer than any engine's reclaim idle time
+
+
+def hand_back(client: redis.Redis, stream: str, consumer: str, entry_ids: list[str]) -> None:
+    """Leave our pending entries to the other engines: marked idle for long, the next XAUTOCLAIM takes them."""
+    if entry_ids:
+        client.xclaim(stream, protocol.ENGINE_GROUP, consumer, 0, entry_ids, idle=HANDED_BACK_IDLE_MS, justid=True)
+
+
 def connect_async(url: str) -> aredis.Redis:
     return aredis.Redis.from_url(url, **_options(url))
 

@@ -25,6 +25,12 @@ class JobHandler(Protocol):
     def step(self) -> list[RequestOutput]:
         """One iteration: inference and fine-tuning work together."""
 
+    def drain(self) -> None:
+        """Stopping: hand each job back once it reaches a step boundary (checkpointed there)."""
+
+    def hand_back(self) -> None:
+        """Leave the jobs still held to another replica (they resume from their latest version)."""
+
 
 class JobIntake:
     """Consumes job entries; invalid or cancelled ones are finished here, valid ones go to ``handler``.

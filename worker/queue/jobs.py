@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from flexllm.worker import protocol
-from flexllm.worker.queue.connection import ensure_group
+from flexllm.worker.queue.connection import ensure_group, hand_back
 
 
 @dataclass
@@ -75,6 +75,10 @@ class JobQueue:
         if entry_ids:
             self.client.xclaim(self.stream, protocol.ENGINE_GROUP, consumer, 0, entry_ids, justid=True)
 
+    def hand_back(self, consumer: str, entry_ids: list[str]) -> None:
+        """Give jobs back: another engine reclaims them at once and resumes each from its latest version."""
+        hand_back(self.client, self.stream, consumer, entry_ids)
+
     def ack(self, entry_id: str) -> None:
         self.client.xack(self.stream, protocol.ENGINE_GROUP, entry_id)
 
@@ -102,6 +106,18 @@ class JobQueue:
 
     def cancel(self, job: str) -> None:
         self.client.set(protocol.job_cancel_flag(self.service, job), "1", ex=protocol.CANCEL_FLAG_TTL_S)
+
+    def delete(self, job: str, namespace: str | None = None) -> None:
+        """Remove a job's progress and versions, and its stream entry if no engine took it yet (of
+        ``namespace`` only, when given). A job that may be running is cancelled first (``cancel``)."""
+        self.client.delete(protocol.job_progress(self.service, job), protocol.job_versions(self.service, job))
+        for entry_id, fields in self.client.xrange(self.stream):
+            try:
+                data = json.loads(fields.get("data", "{}"))
+            except ValueError:
+                continue
+            if data.get("name") == job and namespace in (None, data.get("namespace")):
+                self.client.xdel(self.stream, entry_id)
 
     def latest_version(self, job: str) -> dict[str, Any] | None:
         last = self.client.lindex(protocol.job_versions(self.service, job), -1)

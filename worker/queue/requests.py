@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aredis
 
 from flexllm.worker import protocol
-from flexllm.worker.queue.connection import ensure_group
+from flexllm.worker.queue.connection import ensure_group, hand_back
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
 BLOCK_MS = 2000  # longest blocking read: well under the client's socket timeout
@@ -117,6 +117,10 @@ class RequestConsumer:
         """Reset the idle time of requests this consumer still works on, so nobody reclaims them."""
         if entry_ids:
             self.client.xclaim(self.stream, protocol.ENGINE_GROUP, self.consumer, 0, entry_ids, justid=True)
+
+    def hand_back(self, entry_ids: list[str]) -> None:
+        """Give up requests this consumer holds: another engine reclaims them at once (see ``emitted``)."""
+        hand_back(self.client, self.stream, self.consumer, entry_ids)
 
     def emitted(self, request_id: str) -> list[OutputChunk]:
         """Chunks already streamed for a request (by a consumer that died)."""
