@@ -48,7 +48,7 @@ class LLMEngine:
         args = self.model.args
         self.max_model_len = min(self.config.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)
-        self.runner = ModelRunner(self.model, self.config)
+        self.runner = ModelRunner(self.model, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.lora_manager = LoRAManager(self.model, self.config.max_loras, self.config.max_lora_rank)
         self.scheduler = Scheduler(self.block_manager, self.lora_manager,
