@@ -76,6 +76,19 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    """A tiny Mistral with an 8-token sliding window (shorter than the test prompts)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral", sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_window_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with a 6-token sliding window on its second layer only (max_window_layers=1)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-window"), "qwen2", use_sliding_window=True,
+                                 sliding_window=6, max_window_layers=1)
+
+
+@pytest.fixture(scope="session")
 def small_vocab_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a 300-token vocabulary and a 128-token context."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("small-vocab"), "llama", tokenizer=small_vocab_tokenizer(),
