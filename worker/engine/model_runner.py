@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from collections.abc import Sequence
 
 import psutil
@@ -25,8 +27,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_to_allocate(max_model_len)
         # [L, 2, num_blocks, block_size, H_kv, D]
-        self.kv_cache = torch.zeros(args.num_layers, 2, self.num_blocks, config.block_size,
-                                    args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device)
+        shape = (args.num_layers, 2, self.num_blocks, config.block_size, args.num_kv_heads, args.head_dim)
+        self.kv_cache = _zeros(shape, self.dtype, self.device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         log.info("kv cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
@@ -88,3 +90,12 @@ class ModelRunner:
             input_ids, ctx, sample_rows = self.prepare(batch)
             hidden = self.model(input_ids, ctx, riders)  # [T, H]
             return self.model.compute_logits(hidden[sample_rows])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros``; on CPU in anonymous memory, which the OS hands out zeroed and commits page by
+    page on first write, so a large cache costs RAM (and start-up time) only for the blocks in use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)
