@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import pytest
 from flexllm.worker import protocol
 from flexllm.worker.net import free_port
 
+from ..conftest import stop_process_group
 from .conftest import REDIS_PASSWORD, apply, example, poll
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("operator_process")]
@@ -104,17 +104,6 @@ class Replica:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")

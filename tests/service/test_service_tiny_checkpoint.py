@@ -7,13 +7,13 @@ user starts it; its start-up profiling pass must stay inside the model's vocabul
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 
+from ..conftest import stop_process_group
 from .conftest import free_port, unique_service
 
 READY_TIMEOUT_S = 120
@@ -49,12 +49,7 @@ def test_serve_on_a_small_vocabulary_short_context_checkpoint_becomes_ready_and_
         assert body["usage"]["completion_tokens"] >= 1 and isinstance(body["choices"][0]["text"], str)
         assert "kv cache sizing: 512 bytes per token" in log.read_text()  # 2 layers x 2 kv heads x 16 x fp32, K+V
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_process_group(process)
 
 
 def test_generate_with_a_128_token_model_len(small_vocab_dir):
