@@ -6,42 +6,23 @@ user starts it; its start-up profiling pass must stay inside the model's vocabul
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
 import httpx
 
-from ..conftest import stop_process_group
 from .conftest import free_port, unique_service
-
-READY_TIMEOUT_S = 120
+from .test_service_lifecycle import flexllm, stop, wait_ready
 
 
 def test_serve_on_a_small_vocabulary_short_context_checkpoint_becomes_ready_and_answers(small_vocab_dir, tmp_path):
     port = free_port()
-    env = {**os.environ, "FLEXLLM_CACHE": str(tmp_path / "cache")}
-    env.pop("FLEXLLM_REDIS_URL", None)
-    command = [sys.executable, "-m", "flexllm.worker.cli", "serve", "--model", str(small_vocab_dir),
-               "--served-model-name", "tiny", "--service", unique_service(), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--dtype", "float32",
-               "--adapter-dir", str(tmp_path / "adapters")]
-    log = tmp_path / "serve.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    process, log = flexllm(tmp_path, "serve", "serve", "--model", str(small_vocab_dir), "--served-model-name", "tiny",
+                           "--service", unique_service(), "--host", "127.0.0.1", "--port", str(port),
+                           "--device", "cpu", "--dtype", "float32", "--adapter-dir", str(tmp_path / "adapters"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"serve never became ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_ready(base, process, log)
         reply = httpx.post(f"{base}/v1/completions", timeout=60,
                            json={"model": "tiny", "prompt": "Hello world", "max_tokens": 5, "temperature": 0})
         assert reply.status_code == 200, reply.text
@@ -49,7 +30,11 @@ def test_serve_on_a_small_vocabulary_short_context_checkpoint_becomes_ready_and_
         assert body["usage"]["completion_tokens"] >= 1 and isinstance(body["choices"][0]["text"], str)
         assert "kv cache sizing: 512 bytes per token" in log.read_text()  # 2 layers x 2 kv heads x 16 x fp32, K+V
     finally:
-        stop_process_group(process)
+        process.terminate()  # a clean stop, its embedded Redis with it
+        try:
+            process.wait(60)
+        finally:
+            stop(process)
 
 
 def test_generate_with_a_128_token_model_len(small_vocab_dir):
