@@ -107,6 +107,9 @@ def worker_env(config: OperatorConfig) -> list[Manifest]:
     if config.redis_secret:
         ref = {"name": config.redis_secret, "key": config.redis_secret_key}
         env.append({"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": ref}})
+    if config.hf_token_secret:
+        ref = {"name": config.hf_token_secret, "key": config.hf_token_secret_key}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

@@ -14,6 +14,8 @@ class OperatorConfig:
     redis_password: str | None = None
     redis_secret: str = ""  # Secret (in the InferenceService's namespace) holding the password
     redis_secret_key: str = "redis-password"
+    hf_token_secret: str = ""  # Secret (in the InferenceService's namespace) holding HF_TOKEN for hf:// sources
+    hf_token_secret_key: str = "token"
     worker_image: str = "ghcr.io/flexllm/flexllm-worker:0.1.0"
     worker_service_account: str = ""
     adapter_pvc: str = ""  # shared adapter store; empty: an emptyDir per pod (one-replica dev setups)
@@ -34,6 +36,8 @@ class OperatorConfig:
             redis_password=env.get("REDIS_PASSWORD") or None,
             redis_secret=env.get("FLEXLLM_REDIS_SECRET", default.redis_secret),
             redis_secret_key=env.get("FLEXLLM_REDIS_SECRET_KEY", default.redis_secret_key),
+            hf_token_secret=env.get("FLEXLLM_HF_TOKEN_SECRET", default.hf_token_secret),
+            hf_token_secret_key=env.get("FLEXLLM_HF_TOKEN_SECRET_KEY", default.hf_token_secret_key),
             worker_image=env.get("FLEXLLM_WORKER_IMAGE", default.worker_image),
             worker_service_account=env.get("FLEXLLM_WORKER_SERVICE_ACCOUNT", default.worker_service_account),
             adapter_pvc=env.get("FLEXLLM_ADAPTER_PVC", default.adapter_pvc),

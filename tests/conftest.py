@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,23 +24,38 @@ TINY_SHAPES = dict(
 )
 
 
-def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
-    """A random-initialised tiny Llama or Qwen2 checkpoint with the bundled model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after 30 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, 10000.0),
+                 "mistral": ("MistralConfig", "MistralForCausalLM", False, 10000.0),
+                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", True, 1000000.0)}
+
+
+def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, tokenizer=None, **config) -> Path:
+    """A random-initialised tiny Llama, Mistral or Qwen2 checkpoint with the bundled model's tokenizer
+    (or ``tokenizer``); ``config`` overrides the tiny shapes (e.g. ``sliding_window``)."""
+    import transformers
+    from transformers import AutoTokenizer
 
     from flexllm.worker.engine.loader import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    shapes = {**TINY_SHAPES, "vocab_size": len(tokenizer)}
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    config_name, model_name, tied, rope_theta = ARCHITECTURES[model_type]
+    settings = {**TINY_SHAPES, "vocab_size": len(tokenizer), "tie_word_embeddings": tied, "rope_theta": rope_theta,
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **config}
     torch.manual_seed(seed)
-    if model_type == "llama":
-        config = LlamaConfig(**shapes, tie_word_embeddings=False, rope_theta=10000.0,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = LlamaForCausalLM(config)
-    else:
-        config = Qwen2Config(**shapes, tie_word_embeddings=True, rope_theta=1000000.0,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = Qwen2ForCausalLM(config)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**settings))
     with torch.no_grad():  # larger weights than the default init, so logits are not all alike
         for p in model.parameters():
             if p.dim() == 2:
@@ -46,6 +63,20 @@ def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def small_vocab_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE tokenizer of ``vocab_size`` tokens (256 bytes, merges, <s> and </s>),
+    trained here on a few sentences."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["The quick brown fox jumps over the lazy dog.", "Hello, world! Tell me a story about the sea."] * 50
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=vocab_size, min_frequency=1, special_tokens=["<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    assert len(tokenizer) == vocab_size
+    return tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +87,26 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    """A tiny Mistral with an 8-token sliding window (shorter than the test prompts)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral", sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_window_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with a 6-token sliding window on its second layer only (max_window_layers=1)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-window"), "qwen2", use_sliding_window=True,
+                                 sliding_window=6, max_window_layers=1)
+
+
+@pytest.fixture(scope="session")
+def small_vocab_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with a 300-token vocabulary and a 128-token context."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("small-vocab"), "llama", tokenizer=small_vocab_tokenizer(),
+                                 max_position_embeddings=128)
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,7 +60,8 @@ SERVE_SLO_HELP = ("5000 ms / 75 ms are the InferenceService defaults, sized for 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m", help="bundled name, HF folder, .gguf, file:// or pvc:// URI")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="bundled name, HF folder, .gguf, file://, pvc:// or hf://org/name[@revision] URI")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--max-tokens-per-batch", type=int, default=256, help="tokens one engine iteration computes")
@@ -98,7 +99,7 @@ def _coserve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=os.environ.get("FLEXLLM_DATA_DIR"),
                    help="FinetuneJob datasets must live under this folder (env FLEXLLM_DATA_DIR; default: anywhere)")
     g.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
-                   help="a PEFT adapter folder (file:// or pvc:// URI, or path) served from the start; repeatable")
+                   help="a PEFT adapter (file://, pvc:// or hf:// URI, or path) served from the start; repeatable")
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:

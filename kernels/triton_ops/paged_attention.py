@@ -3,7 +3,8 @@
 One kernel serves decode and prefill/fine-tuning chunks alike, flash-attention style: program
 (q-tile, kv-head) holds BLOCK_Q query tokens x the GROUP query heads sharing that kv head as the
 rows of one [BLOCK_M = BLOCK_Q * GROUP_PAD, D] tile, walks the sequence's keys through its block
-table BLOCK_N at a time (any cache block size), and keeps an fp32 online softmax. Sequences own
+table BLOCK_N at a time (any cache block size), and keeps an fp32 online softmax. With a sliding
+window W a query sees only its last W keys: the walk starts at the tile's first visible key. Sequences own
 ``q_start // BLOCK_Q + seq`` onward in the q-tile axis, so the grid needs no host sync.
 """
 
@@ -14,6 +15,7 @@ import triton.language as tl
 from flexllm.kernels.triton_ops._launch import dot_block
 
 _LOG2E = 1.4426950408889634
+NO_WINDOW = 2**31 - 1  # a window no context reaches
 
 
 @triton.jit
@@ -33,7 +35,7 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr,
-    qk_scale, num_seqs, head_dim,
+    qk_scale, num_seqs, head_dim, window,
     q_s0, q_s1, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, o_s0, o_s1, bt_s0,
     CACHE_BLOCK: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -52,7 +54,7 @@ def _paged_attention_kernel(
     tok = q_tile * BLOCK_Q + offs_m // GROUP_PAD  # [BLOCK_M] query index within the sequence
     head = kv_head * GROUP + offs_m % GROUP_PAD  # [BLOCK_M] query head
     row_mask = (tok < q_len) & (offs_m % GROUP_PAD < GROUP)
-    pos = ctx_len - q_len + tok  # [BLOCK_M] position: sees keys 0..pos
+    pos = ctx_len - q_len + tok  # [BLOCK_M] position: sees keys pos - window < key <= pos
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     q_rows = (q_start + tok).to(tl.int64) * q_s0 + head * q_s1
@@ -63,8 +65,9 @@ def _paged_attention_kernel(
     l_i = tl.zeros((BLOCK_Q * GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q * GROUP_PAD, BLOCK_D), dtype=tl.float32)
     num_keys = tl.minimum(ctx_len, ctx_len - q_len + (q_tile + 1) * BLOCK_Q)  # keys this tile can see
+    first_key = tl.maximum(0, ctx_len - q_len + q_tile * BLOCK_Q - window + 1)  # the tile's first query's window
     bt_row = block_tables_ptr + seq.to(tl.int64) * bt_s0
-    for start in range(0, num_keys, BLOCK_N):
+    for start in range(first_key, num_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < num_keys
         block = tl.load(bt_row + offs_n // CACHE_BLOCK, mask=n_mask, other=0).to(tl.int64)
@@ -75,16 +78,18 @@ def _paged_attention_kernel(
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D]
 
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
-        visible = (offs_n[None, :] <= pos[:, None]) & n_mask[None, :]
+        visible = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is visible to every row
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # -inf while a row has seen no key yet (its window starts further on): keep its sums at 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    out = (acc / tl.where(l_i == 0, 1.0, l_i)[:, None]).to(out_ptr.dtype.element_ty)  # 0: a padding row
     o_rows = (q_start + tok).to(tl.int64) * o_s0 + head * o_s1
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out, mask=qo_mask)
 
@@ -97,6 +102,7 @@ def paged_attention_triton(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, H_q, D] -> [T, H_q, D]; arguments as ``paged_attention_reference``."""
     (T, num_q_heads, head_dim), (_, cache_block, num_kv_heads, _) = q.shape, k_cache.shape
@@ -111,7 +117,7 @@ def paged_attention_triton(
     assert k_cache.stride(-1) == v_cache.stride(-1) == q.stride(-1) == 1, "head_dim must be contiguous"
     _paged_attention_kernel[(T // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens,
-        scale * _LOG2E, num_seqs, head_dim,
+        scale * _LOG2E, num_seqs, head_dim, NO_WINDOW if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), block_tables.stride(0),
         CACHE_BLOCK=cache_block, GROUP=group, GROUP_PAD=group_pad,

@@ -66,9 +66,15 @@ def sequences(vocab: int, batches: list[list[int]]):
     return [[next(seqs) for _ in lengths] for lengths in batches]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def setup(request, tiny_llama_dir, tiny_qwen2_dir):
-    folder = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
+def checkpoint(arch: str, request) -> object:
+    """The tiny checkpoint of ``arch``: mistral has an 8-token sliding window on every layer, qwen2-window
+    a 6-token one on its second layer, both shorter than most training sequences."""
+    return request.getfixturevalue(f"tiny_{arch.replace('-', '_')}_dir")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen2-window"])
+def setup(request):
+    folder = checkpoint(request.param, request)
     model, _ = engine_model(folder)
     lora = random_lora(model, SPEC)
     peft = peft_model(folder, SPEC)
@@ -141,13 +147,11 @@ def test_dropout_mask_rate_and_determinism():
     assert not torch.equal(full, Dropout(0.25, keys + 1, positions).apply(x, layer=1, target="q_proj"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_units_riding_inference_forwards_match_hf_peft_and_leave_inference_unchanged(
-    arch, tiny_llama_dir, tiny_qwen2_dir
-):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_units_riding_inference_forwards_match_hf_peft_and_leave_inference_unchanged(arch, request):
     """Every unit's layers run inside an inference forward (shared GEMMs, engine.fused): the gradients
     still equal HF PEFT's and the requests still generate what they generate alone."""
-    folder = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
+    folder = checkpoint(arch, request)
     engine = LLMEngine(model=str(folder), dtype="float32", device="cpu", num_kv_blocks=128, block_size=4,
                        max_tokens_per_batch=16)
     prompts = [[5 + i] * (3 + 4 * i) for i in range(4)]

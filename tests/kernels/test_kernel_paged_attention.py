@@ -71,3 +71,39 @@ def test_fp16_inputs_fp32_accumulation(batch):
 def test_dispatcher_takes_the_reference_on_cpu():
     args = _batch(BATCHES["decode"], 4, 4, 2, 16, torch.float32)
     assert torch.equal(paged_attention(*args), paged_attention_reference(*args))
+
+
+def _dense(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, window):
+    """Per-query softmax over the keys it sees (pos - window < key <= pos), written out plainly."""
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b, ctx in enumerate(context_lens.tolist()):
+        s, e = query_start_loc[b].item(), query_start_loc[b + 1].item()
+        slots = [(block_tables[b, t // block_size].item(), t % block_size) for t in range(ctx)]
+        k = torch.stack([k_cache[blk, off] for blk, off in slots]).repeat_interleave(group, 1)  # [ctx, H_q, D]
+        v = torch.stack([v_cache[blk, off] for blk, off in slots]).repeat_interleave(group, 1)
+        for i in range(e - s):
+            pos = ctx - (e - s) + i
+            lo = max(0, pos - window + 1)
+            scores = torch.einsum("hd,khd->hk", q[s + i].float(), k[lo : pos + 1].float()) * scale
+            out[s + i] = torch.einsum("hk,khd->hd", scores.softmax(-1), v[lo : pos + 1].float()).to(q.dtype)
+    return out
+
+
+WINDOWED = {  # (q_len, context_len): decodes and chunks whose context is longer than the window
+    "decode": [(1, 5), (1, 13), (1, 2), (1, 40)],
+    "prefill_longer_than_window": [(21, 21)],
+    "chunk_after_cached_blocks": [(5, 30), (9, 17)],
+    "mixed": [(1, 9), (6, 6), (0, 4), (3, 20), (37, 45), (1, 30)],
+}
+
+
+@pytest.mark.parametrize("batch", WINDOWED)
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_sliding_window_reference_and_kernel_match_dense_attention(batch, window):
+    args = _batch(WINDOWED[batch], 4, q_heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, seed=window)
+    expected = _dense(*args, window)
+    torch.testing.assert_close(paged_attention_reference(*args, window), expected, **TOL[torch.float32])
+    torch.testing.assert_close(paged_attention_triton(*args, window), expected, **TOL[torch.float32])
+    unwindowed = paged_attention_reference(*args)
+    assert not torch.allclose(unwindowed, expected, atol=1e-3)  # the window matters in every batch

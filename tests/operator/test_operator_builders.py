@@ -137,3 +137,15 @@ def test_worker_pod_drains_within_its_grace_period():
     drain = float(flag(container["args"], "--drain-seconds"))
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(builders.PRESTOP_S)]
     assert pod["terminationGracePeriodSeconds"] >= builders.PRESTOP_S + drain + 5  # + the API's close
+
+
+def test_hf_model_and_adapter_uris_reach_the_worker_with_the_token_from_its_secret():
+    hf = spec(model={"uri": "hf://org/tiny@v1"}, adapters=[{"name": "chat", "uri": "hf://org/tiny-lora"}])
+    args = builders.worker_args("m", "ns", hf)
+    assert flag(args, "--model") == "hf://org/tiny@v1" and flag(args, "--adapter") == "chat=hf://org/tiny-lora"
+    with_token = OperatorConfig(hf_token_secret="hf-auth", hf_token_secret_key="hf-token")
+    for config, expected in ((with_token, {"name": "hf-auth", "key": "hf-token"}), (OperatorConfig(), None)):
+        pod = builders.build_deployment("m", "ns", hf, config)["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert (env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] if expected else env.get("HF_TOKEN")) == expected
+    assert OperatorConfig.from_env({"FLEXLLM_HF_TOKEN_SECRET": "s"}) == OperatorConfig(hf_token_secret="s")

@@ -108,3 +108,13 @@ def test_kube_tools_are_the_projects_own_and_a_missing_one_fails_on_ci(monkeypat
     with pytest.raises(pytest.fail.Exception, match="no no-such-tool at"):
         kube_tool("no-such-tool")
 
+
+def test_operator_names_the_hugging_face_token_secret_for_the_workers():
+    def operator_env(*values: str) -> dict[str, Any]:
+        docs = by_kind(render(*values), "Deployment")
+        operator = next(d for d in docs if d["metadata"]["name"] == "flex-flexllm-operator")
+        return {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    env = operator_env("worker.huggingface.tokenSecret=hf-auth")
+    assert (env["FLEXLLM_HF_TOKEN_SECRET"], env["FLEXLLM_HF_TOKEN_SECRET_KEY"]) == ("hf-auth", "token")
+    assert "FLEXLLM_HF_TOKEN_SECRET" not in operator_env()

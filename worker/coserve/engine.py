@@ -140,9 +140,10 @@ class CoServingEngine:
         1x / 2x an inference token forward / backward plus one forward's fixed cost per work unit, and
         refitted once fine-tuning runs)."""
         params = SamplingParams(max_tokens=1)
-        for n in PROFILE_PROMPT_TOKENS * 2:
+        vocab = self.engine.model.args.vocab_size
+        for n in _profile_lengths(self.engine) * 2:
             began = self.clock()
-            self.engine.generate([[100 + i % 1000 for i in range(n)]], params)
+            self.engine.generate([[(100 + i) % vocab for i in range(n)]], params)
             self.latency.samples.append((IterationShape(inference_tokens=n).vector(), self.clock() - began))
         self.latency.fit()
         per_token, per_pass = self.latency.coef[1], self.latency.coef[0]
@@ -240,6 +241,14 @@ class CoServingEngine:
     def _fail(self, name: str, error: Exception) -> None:
         self.failed[name] = f"{type(error).__name__}: {error}"
         self.jobs.pop(name, None)
+
+
+def _profile_lengths(engine: LLMEngine) -> tuple[int, ...]:
+    """PROFILE_PROMPT_TOKENS, capped so that a prompt and its one new token fit the model's context
+    and the KV cache."""
+    capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
+    longest = max(1, min(engine.max_model_len, capacity) - 1)
+    return tuple(sorted({min(n, longest) for n in PROFILE_PROMPT_TOKENS}))
 
 
 def _spend(runner: FinetuneRunner, tokens: int, done: JobWork) -> None:

@@ -1,8 +1,11 @@
-"""Paged KV-cache bookkeeping: fixed-size blocks, per-sequence block tables, a free list."""
+"""Paged KV-cache bookkeeping: fixed-size blocks, per-sequence block tables, a free list.
+
+The free list is a stack: the blocks freed last are reused first, so a cache in memory the OS
+commits on first write (the CPU cache, see ``model_runner``) only grows to the most blocks ever in
+use at once.
+"""
 
 from __future__ import annotations
-
-from collections import deque
 
 from flexllm.worker.engine.sequence import Sequence
 
@@ -10,7 +13,7 @@ from flexllm.worker.engine.sequence import Sequence
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: list[int] = list(reversed(range(num_blocks)))  # popped from the end: block 0 first
 
     @property
     def num_free_blocks(self) -> int:
@@ -26,10 +29,10 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens (caller checked ``can_allocate``)."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            seq.block_table.append(self.free_blocks.popleft())
+            seq.block_table.append(self.free_blocks.pop())
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
+        self.free_blocks.extend(reversed(seq.block_table))
         seq.block_table = []
 
     def slot(self, seq: Sequence, position: int) -> int:

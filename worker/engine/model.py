@@ -39,6 +39,7 @@ class ModelArgs:
     max_position_embeddings: int
     qkv_bias: bool
     tie_word_embeddings: bool
+    sliding_windows: tuple[int | None, ...]  # per layer: a query sees its last W keys, or None: all of them
 
     @classmethod
     def from_hf_config(cls, config) -> ModelArgs:
@@ -63,7 +64,32 @@ class ModelArgs:
             max_position_embeddings=config.max_position_embeddings,
             qkv_bias=qkv_bias,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_windows=_sliding_windows(config, arch),
         )
+
+
+def _sliding_windows(config, arch: str) -> tuple[int | None, ...]:
+    """Each layer's sliding window as Hugging Face applies it: Mistral's ``sliding_window`` on every
+    layer; Qwen2's, with ``use_sliding_window``, on the layers its ``layer_types`` mark
+    "sliding_attention" (from ``max_window_layers`` on). Raises ``ValueError`` for what is not honoured."""
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if arch == "LlamaForCausalLM" or window is None:
+        return (None,) * layers
+    if arch == "Qwen2ForCausalLM" and not getattr(config, "use_sliding_window", False):
+        return (None,) * layers
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens, not {window!r}")
+    if arch == "MistralForCausalLM":
+        return (window,) * layers
+    types = getattr(config, "layer_types", None) or [
+        "sliding_attention" if i >= config.max_window_layers else "full_attention" for i in range(layers)
+    ]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != layers:
+        raise ValueError(f"layer_types {types!r}: only full_attention and sliding_attention layers, one per layer, "
+                         f"are supported (not {', '.join(unknown) or f'{len(types)} for {layers} layers'})")
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
 class LoRALinear(nn.Linear):
@@ -132,8 +158,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        self.sliding_window = args.sliding_windows[layer]
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = LoRALinear(
@@ -157,7 +184,8 @@ class Attention(nn.Module):
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
         out = paged_attention(
-            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.context_lens, self.scale
+            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.context_lens, self.scale,
+            self.sliding_window,
         )
         return (yield from self.o_proj.steps(out.reshape(T, -1), ctx.lora))
 
@@ -175,9 +203,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
         self.input_layernorm = nn.Parameter(torch.ones(args.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(args.hidden_size))
@@ -198,7 +226,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = nn.Parameter(torch.ones(args.hidden_size))
         self.rotary = RotaryEmbedding(hf_config, args.head_dim)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)

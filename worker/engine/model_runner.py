@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from collections.abc import Sequence
 
 import psutil
@@ -15,32 +17,40 @@ from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
-CPU_KV_CAP_BYTES = 4 << 30
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, config: EngineConfig):
+    def __init__(self, model: CausalLM, config: EngineConfig, max_model_len: int):
         self.model, self.config = model, config
         self.device, self.dtype = config.torch_device, config.torch_dtype
         args = model.args
         self.block_size = config.block_size
-        bytes_per_block = 2 * args.num_layers * config.block_size * args.num_kv_heads * args.head_dim
-        bytes_per_block *= torch.finfo(self.dtype).bits // 8
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(bytes_per_block)
+        self.num_blocks = config.num_kv_blocks or self._blocks_to_allocate(max_model_len)
         # [L, 2, num_blocks, block_size, H_kv, D]
-        self.kv_cache = torch.zeros(args.num_layers, 2, self.num_blocks, config.block_size,
-                                    args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device)
+        shape = (args.num_layers, 2, self.num_blocks, config.block_size, args.num_kv_heads, args.head_dim)
+        self.kv_cache = _zeros(shape, self.dtype, self.device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-        log.info("kv cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
+        log.info("kv cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
 
-    def _blocks_that_fit(self, bytes_per_block: int) -> int:
+    def _blocks_to_allocate(self, max_model_len: int) -> int:
+        """As many blocks as ``kv_cache_fraction`` of the free memory holds, but no more than
+        ``max_num_seqs`` sequences of ``max_model_len`` tokens can use."""
+        args = self.model.args
+        bytes_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * self.dtype.itemsize  # K and V
+        bytes_per_block = bytes_per_token * self.block_size
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
-            free = min(psutil.virtual_memory().available, CPU_KV_CAP_BYTES)
-        return max(1, int(free * self.config.kv_cache_fraction) // bytes_per_block)
+            free = psutil.virtual_memory().available
+        fit = int(free * self.config.kv_cache_fraction) // bytes_per_block
+        useful = self.config.max_num_seqs * -(-max_model_len // self.block_size)
+        blocks = max(1, min(fit, useful))
+        log.info("kv cache sizing: %d bytes per token; %.0f MiB free x %.2f fits %d blocks, %d sequences x %d "
+                 "tokens use at most %d: %d blocks", bytes_per_token, free / 2**20, self.config.kv_cache_fraction,
+                 fit, self.config.max_num_seqs, max_model_len, useful, blocks)
+        return blocks
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext, list[int]]:
         """-> input_ids [T], the step context, and the flat rows whose logits are sampled."""
@@ -80,3 +90,12 @@ class ModelRunner:
             input_ids, ctx, sample_rows = self.prepare(batch)
             hidden = self.model(input_ids, ctx, riders)  # [T, H]
             return self.model.compute_logits(hidden[sample_rows])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros``; on CPU in anonymous memory, which the OS hands out zeroed and commits page by
+    page on first write, so a large cache costs RAM (and start-up time) only for the blocks in use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)

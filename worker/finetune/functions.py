@@ -51,10 +51,11 @@ BLOCK_ROWS = 64  # runs are merged into blocks of up to this many queries, atten
 # (measured on CPU: per-run products lose to one masked block for short runs, win over long blocks)
 
 
-def _blocks(runs: list[Run]) -> list[tuple[int, int, int, list[Run]]]:
+def _blocks(runs: list[Run], sliding_window: int | None) -> list[tuple[int, int, int, list[Run]]]:
     """Merge consecutive runs (short sequences) into blocks (first key, first query, query end, runs)
     of at most BLOCK_ROWS queries, so a chunk of many short sequences costs a few products, not a
-    few per sequence."""
+    few per sequence. A block's first key is the first one any of its queries sees (with a sliding
+    window W, the first query's window: pos - W < key)."""
     blocks: list[tuple[int, int, int, list[Run]]] = []
     for run in runs:
         if blocks and run[2] - blocks[-1][1] <= BLOCK_ROWS:
@@ -62,14 +63,22 @@ def _blocks(runs: list[Run]) -> list[tuple[int, int, int, list[Run]]]:
             blocks[-1] = (ks, qs, run[2], [*members, run])
         else:
             blocks.append((run[0], run[1], run[2], [run]))
-    return blocks
+    if sliding_window is None:
+        return blocks
+    return [(max(ks, qs - sliding_window + 1), qs, qe, members) for ks, qs, qe, members in blocks]
 
 
-def _block_mask(ks: int, qs: int, qe: int, runs: list[Run], device: torch.device) -> torch.Tensor:
-    """[qe - qs, qe - ks] True where a query may attend a key: its own sequence's keys, causally."""
+def _block_mask(ks: int, qs: int, qe: int, runs: list[Run], sliding_window: int | None,
+                device: torch.device) -> torch.Tensor:
+    """[qe - qs, qe - ks] True where a query may attend a key: its own sequence's keys, causally, and
+    with a sliding window W only its last W of them."""
     first = torch.cat([torch.full((e - q,), k - ks, device=device) for k, q, e in runs])  # [m]
     keys = torch.arange(qe - ks, device=device)[None, :]
-    return (keys >= first[:, None]) & (keys <= torch.arange(qs - ks, qe - ks, device=device)[:, None])
+    queries = torch.arange(qs - ks, qe - ks, device=device)[:, None]
+    mask = (keys >= first[:, None]) & (keys <= queries)
+    if sliding_window is not None:
+        mask &= keys > queries - sliding_window
+    return mask
 
 
 class ChunkAttentionFn(torch.autograd.Function):
@@ -81,7 +90,7 @@ class ChunkAttentionFn(torch.autograd.Function):
     queries attend causally to its own keys only (short runs are merged into masked blocks). Query
     head h reads kv head h // (H_q / H_kv). Saves only q, k, v and the past views; backward
     recomputes the probabilities and returns dK/dV of the past positions too, which the caller
-    accumulates for the earlier chunks.
+    accumulates for the earlier chunks. With ``sliding_window`` W a query sees only its last W keys.
     """
 
     @staticmethod
@@ -93,7 +102,7 @@ class ChunkAttentionFn(torch.autograd.Function):
         return torch.softmax(scores, dim=-1).view(h_kv, groups * rows, width)
 
     @staticmethod
-    def forward(ctx, q, k, v, k_past, v_past, runs: list[Run], scale: float):
+    def forward(ctx, q, k, v, k_past, v_past, runs: list[Run], scale: float, sliding_window: int | None):
         n, h_q, d = q.shape
         h_kv, past = k.shape[1], k_past.shape[0]
         groups = h_q // h_kv
@@ -101,15 +110,15 @@ class ChunkAttentionFn(torch.autograd.Function):
         values = torch.cat((v_past, v)).transpose(0, 1)
         qg = q.view(n, h_kv, groups, d).permute(1, 2, 0, 3)  # [H_kv, g, n, D]
         out = q.new_empty(h_kv, groups, n, d)
-        blocks = _blocks(runs)
+        blocks = _blocks(runs, sliding_window)
         for ks, qs, qe, members in blocks:
             rows = slice(qs - past, qe - past)
             q_r = qg[:, :, rows].reshape(h_kv, groups * (qe - qs), d)
-            mask = _block_mask(ks, qs, qe, members, q.device)
+            mask = _block_mask(ks, qs, qe, members, sliding_window, q.device)
             probs = ChunkAttentionFn._probs(q_r, keys[:, ks:qe], mask, scale, groups)
             out[:, :, rows] = torch.matmul(probs.to(q.dtype), values[:, ks:qe]).view(h_kv, groups, qe - qs, d)
         ctx.save_for_backward(q, k, v, k_past, v_past)
-        ctx.blocks, ctx.scale = blocks, scale
+        ctx.blocks, ctx.scale, ctx.sliding_window = blocks, scale, sliding_window
         return out.permute(2, 0, 1, 3).reshape(n, h_q, d)  # [n, H_q, D]
 
     @staticmethod
@@ -127,7 +136,7 @@ class ChunkAttentionFn(torch.autograd.Function):
             rows, m = slice(qs - past, qe - past), qe - qs
             q_r, do_r = (t[:, :, rows].reshape(h_kv, groups * m, d) for t in (qg, dog))
             k_r, v_r = keys[:, ks:qe], values[:, ks:qe]
-            mask = _block_mask(ks, qs, qe, members, q.device)
+            mask = _block_mask(ks, qs, qe, members, ctx.sliding_window, q.device)
             probs = ChunkAttentionFn._probs(q_r, k_r, mask, ctx.scale, groups)  # [H_kv, g m, l]
             dv[:, ks:qe] += torch.matmul(probs.to(q.dtype).transpose(1, 2), do_r)
             d_probs = torch.matmul(do_r, v_r.transpose(1, 2)).float()
@@ -136,7 +145,7 @@ class ChunkAttentionFn(torch.autograd.Function):
             dk[:, ks:qe] += torch.matmul(d_scores.transpose(1, 2), q_r) * ctx.scale
         dq = dq.permute(2, 0, 1, 3).reshape(n, h_q, d)
         dk, dv = dk.transpose(0, 1), dv.transpose(0, 1)  # [p+n, H_kv, D]
-        return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None
+        return dq, dk[past:], dv[past:], dk[:past], dv[:past], None, None, None
 
 
 class CrossEntropySumFn(torch.autograd.Function):
@@ -170,5 +179,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return SiluMulFn.apply(gate_up)
 
 
-def chunk_attention(q, k, v, k_past, v_past, runs: list[Run], scale: float) -> torch.Tensor:
-    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, runs, scale)
+def chunk_attention(q, k, v, k_past, v_past, runs: list[Run], scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    return ChunkAttentionFn.apply(q, k, v, k_past, v_past, runs, scale, sliding_window)

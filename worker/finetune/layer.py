@@ -101,7 +101,7 @@ def decoder_layer(
     q = apply_rotary(q.view(n, args.num_heads, args.head_dim), chunk.cos, chunk.sin)
     k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
     v = v.view(n, args.num_kv_heads, args.head_dim)
-    o = chunk_attention(q, k, v, k_past, v_past, chunk.runs, attn.scale).reshape(n, -1)
+    o = chunk_attention(q, k, v, k_past, v_past, chunk.runs, attn.scale, attn.sliding_window).reshape(n, -1)
     x = x + (yield from project(attn.o_proj, o, lora, layer, chunk))
     h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
     gate_up = yield from project(mlp.gate_up_proj, h, lora, layer, chunk)
