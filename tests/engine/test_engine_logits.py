@@ -47,7 +47,7 @@ def assert_logits_match_hf(model_dir, hf, max_tokens_per_batch: int) -> None:
     for rows, logits in records:
         offset = 0
         for rid, start, n in rows:
-            diff = (logits[offset:offset + n] - reference[rid][start:start + n]).abs().max().item()
+            diff = (logits[offset:offset + n].cpu() - reference[rid][start:start + n]).abs().max().item()
             assert diff <= 1e-4, f"request {rid} positions {start}..{start + n}: max abs diff {diff}"
             offset += n
 
