@@ -20,6 +20,7 @@ validator), garbage-collect owned objects, or serve PUT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
 import os
@@ -332,6 +333,13 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         "FLEXLLM_PEERING": "",
         "FLEXLLM_LIVENESS": "",
     }
+    with running_operator(env, log):
+        yield log
+
+
+@contextlib.contextmanager
+def running_operator(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """``python -m flexllm.operator`` with ``env`` until kopf's startup activity succeeded; stopped on exit."""
     with log.open("w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "flexllm.operator"], env=env, cwd=REPO,
                                    stdout=sink, stderr=subprocess.STDOUT)
@@ -339,7 +347,7 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         poll(lambda: "Activity 'startup' succeeded" in log.read_text() or process.poll() is not None,
              what="operator startup")
         assert process.poll() is None, log.read_text()
-        yield log
+        yield process
     finally:
         process.terminate()
         try:
