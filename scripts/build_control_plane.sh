@@ -36,7 +36,7 @@ command -v go >/dev/null || { echo "build_control_plane: no Go toolchain on PATH
 k8s="$(kubernetes_version)"
 bin="${FLEXLLM_CONTROL_PLANE_DIR:-$HOME/.cache/flexllm/controlplane}/$k8s/bin"
 stamp="$bin/.stamp"
-want="$(printf 'kubernetes %s\nkwok %s\n%s\n' "$k8s" "$KWOK_VERSION" "$(go version)"; sha256sum "$module/go.mod" "$module/go.sum" | cut -d' ' -f1)"
+want="$(printf 'kubernetes %s\nkwok %s\n%s\n' "$k8s" "$KWOK_VERSION" "$(go version)"; sha256sum "$0" "$module/go.mod" "$module/go.sum" | cut -d" " -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "control plane $k8s already built"
   echo "$bin"
@@ -48,7 +48,16 @@ rm -f "$stamp"
 start=$SECONDS
 # Two cores and a few GB: one package at a time keeps the linker of kube-apiserver within memory.
 export GOFLAGS="-trimpath -mod=readonly ${GOFLAGS:-}" GOMAXPROCS="${GOMAXPROCS:-2}" CGO_ENABLED=0
-build() { (cd "$module" && nice -n 10 go build -p 2 -ldflags='-s -w' -o "$bin/$1" "$2"); echo "built $1 ($((SECONDS - start)) s)"; }
+# The version stamp `hack/lib/version.sh` gives a release build: servers report it, and helm and kubectl read it.
+minor="${k8s#v1.}"
+stamp_flags="-X k8s.io/component-base/version.gitVersion=$k8s -X k8s.io/component-base/version.gitMajor=1
+  -X k8s.io/component-base/version.gitMinor=${minor%%.*} -X k8s.io/component-base/version.gitTreeState=clean
+  -X k8s.io/client-go/pkg/version.gitVersion=$k8s -X k8s.io/client-go/pkg/version.gitMajor=1
+  -X k8s.io/client-go/pkg/version.gitMinor=${minor%%.*} -X k8s.io/client-go/pkg/version.gitTreeState=clean"
+build() {
+  (cd "$module" && nice -n 10 go build -p 2 -ldflags="-s -w ${stamp_flags//$'\n'/ }" -o "$bin/$1" "$2")
+  echo "built $1 ($((SECONDS - start)) s)"
+}
 build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager

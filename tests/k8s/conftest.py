@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -176,10 +177,10 @@ class ControlPlane:
         if self.processes[name].poll() is not None:
             raise AssertionError(f"{name} exited ({self.processes[name].returncode}):\n{self.log(name)[-4000:]}")
 
-    def _healthy(self, name: str, url: str, **client: object) -> bool:
+    def _healthy(self, name: str, url: str, verify: ssl.SSLContext | bool = True) -> bool:
         self._alive(name)
         try:
-            return httpx.get(url, timeout=2, **client).status_code == 200
+            return httpx.get(url, timeout=2, verify=verify).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -207,8 +208,7 @@ class ControlPlane:
                     "--endpoint-reconciler-type=none")
         write_kubeconfig(self.kubeconfig, self.server, c.path("ca.crt"),
                          {"client-certificate": c.path("admin.crt"), "client-key": c.path("admin.key")})
-        admin = {"verify": c.path("ca.crt"), "cert": (c.path("admin.crt"), c.path("admin.key"))}
-        poll(lambda: self._healthy("kube-apiserver", f"{self.server}/readyz", **admin), timeout=180, interval=0.5,
+        poll(lambda: self._healthy("kube-apiserver", f"{self.server}/readyz", self.admin_tls()), timeout=180, interval=0.5,
              what="kube-apiserver /readyz")
 
         kubeconfig = f"--kubeconfig={self.kubeconfig}"
@@ -226,6 +226,12 @@ class ControlPlane:
         # The ServiceAccount controller's default account: pods need it to be admitted.
         poll(lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
              timeout=60, interval=0.5, what="the default ServiceAccount")
+
+    def admin_tls(self) -> ssl.SSLContext:
+        """TLS for httpx as the admin: trusts the test CA, presents the admin client certificate."""
+        context = ssl.create_default_context(cafile=self.certs.path("ca.crt"))
+        context.load_cert_chain(self.certs.path("admin.crt"), self.certs.path("admin.key"))
+        return context
 
     def _nodes_ready(self) -> bool:
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
