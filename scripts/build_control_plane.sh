@@ -64,6 +64,14 @@ build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 # kwok's own go.mod pins its dependencies (no replace directives), so `go install` builds it as released.
 (GOBIN="$bin" GOFLAGS="-trimpath" nice -n 10 go install -ldflags='-s -w' "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
+# kwok's released "fast" stages (nodes Ready with a lease heartbeat; pods Ready at once, deleted when asked),
+# from the same module version: tests/k8s passes them with --config.
+kwok_source="$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease pod/fast/pod-ready \
+             pod/fast/pod-complete pod/fast/pod-delete; do
+  printf -- '---\n'
+  cat "$kwok_source/kustomize/stage/$stage.yaml"
+done > "$bin/kwok-stages.yaml"
 echo "built kwok ($((SECONDS - start)) s)"
 echo "$want" > "$stamp"
 echo "control plane $k8s built in $((SECONDS - start)) s"

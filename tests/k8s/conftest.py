@@ -37,7 +37,7 @@ from flexllm.worker.net import free_port
 from ..operator.conftest import poll
 
 REPO = Path(__file__).resolve().parents[2]
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kwok-stages.yaml")
 CLIENTS = ("kubectl", "helm")
 TOOLS_BIN = REPO / ".cache" / "bin"  # where scripts/install.sh --dev puts the project's kubectl and helm
 SERVICE_CIDR = "10.96.0.0/16"  # virtual IPs the API server allocates to Services: no traffic goes there
@@ -63,7 +63,7 @@ def find_binaries() -> tuple[dict[str, Path], list[str]]:
     """({name: path} of the binaries found, [names missing]): control plane first, then kubectl and helm."""
     found: dict[str, Path] = {}
     for name in BINARIES:
-        path = next((d / name for d in binary_dirs() if os.access(d / name, os.X_OK)), None)
+        path = next((d / name for d in binary_dirs() if (d / name).is_file()), None)
         if path is not None:
             found[name] = path
     search = os.pathsep.join([str(TOOLS_BIN), os.environ.get("PATH", "")])
@@ -208,8 +208,8 @@ class ControlPlane:
                     "--endpoint-reconciler-type=none")
         write_kubeconfig(self.kubeconfig, self.server, c.path("ca.crt"),
                          {"client-certificate": c.path("admin.crt"), "client-key": c.path("admin.key")})
-        poll(lambda: self._healthy("kube-apiserver", f"{self.server}/readyz", self.admin_tls()), timeout=180, interval=0.5,
-             what="kube-apiserver /readyz")
+        poll(lambda: self._healthy("kube-apiserver", f"{self.server}/readyz", self.admin_tls()), timeout=180,
+             interval=0.5, what="kube-apiserver /readyz")
 
         kubeconfig = f"--kubeconfig={self.kubeconfig}"
         self._start("kube-controller-manager", kubeconfig, "--leader-elect=false", "--bind-address=127.0.0.1",
@@ -217,7 +217,7 @@ class ControlPlane:
                     f"--root-ca-file={c.path('ca.crt')}", f"--service-cluster-ip-range={SERVICE_CIDR}")
         self._start("kube-scheduler", kubeconfig, "--leader-elect=false", "--bind-address=127.0.0.1",
                     f"--secure-port={free_port()}")
-        self._start("kwok", kubeconfig, "--manage-all-nodes=false",
+        self._start("kwok", kubeconfig, f"--config={self.binaries['kwok-stages.yaml']}", "--manage-all-nodes=false",
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                     "--node-ip=127.0.0.1", "--cidr=10.244.0.0/16", f"--node-port={free_port()}")
         for node in (fake_node("kwok-cpu", gpus=0), fake_node("kwok-gpu", gpus=2)):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -188,7 +190,7 @@ def test_the_operator_runs_with_the_charts_service_account_and_no_more(control_p
         assert refused.returncode != 0 and "Error from server (Forbidden)" in refused.stderr, denied
     token = yaml.safe_load(operator.kubeconfig.read_text())["users"][0]["user"]["token"]
     reply = httpx.get(f"{control_plane.server}/api/v1/secrets", headers={"Authorization": f"Bearer {token}"},
-                      verify=control_plane.certs.path("ca.crt"), timeout=10)
+                      verify=ssl.create_default_context(cafile=control_plane.certs.path("ca.crt")), timeout=10)
     assert reply.status_code == 403 and reply.json()["reason"] == "Forbidden"
     assert httpx.get(operator.health, timeout=5).status_code == 200  # kopf's liveness endpoint
     log = operator.log.read_text()
@@ -264,20 +266,19 @@ def tiny_job() -> dict[str, Any]:
     job["spec"]["inferenceService"] = "tiny"
     job["spec"]["dataset"]["source"] = f"file://{REPO / 'examples' / 'data' / 'tiny.jsonl'}"
     job["spec"]["lora"].update(rank=4, alpha=8)
-    job["spec"]["training"].update(maxSteps=40, batchTokens=64, maxSeqLen=32, learningRate=0.01)
-    job["spec"]["publish"].update(everySteps=10, keepVersions=3)
+    job["spec"]["training"].update(maxSteps=8, batchTokens=64, maxSeqLen=32, learningRate=0.01)
+    job["spec"]["publish"].update(everySteps=2, keepVersions=3)
     return job
 
 
-def watch_rows(output: str) -> list[dict[str, str]]:
-    """`kubectl get ftjob -w` output as rows, split at the header's column offsets."""
-    header, *lines = [line for line in output.splitlines() if line.strip()]
-    columns = header.split()
-    starts = [header.index(column) for column in columns]
-    bounds = list(zip(starts, [*starts[1:], None], strict=True))
-    return [{column: line[a:b].strip() for column, (a, b) in zip(columns, bounds, strict=True)} for line in lines]
+def first_line(lines: list[str], pattern: str) -> int:
+    """Index of the first `kubectl get -w` line matching ``pattern`` (each line is aligned on its own)."""
+    found = [at for at, line in enumerate(lines) if re.search(pattern, line)]
+    assert found, f"no line matches {pattern!r}:\n" + "\n".join(lines)
+    return found[0]
 
 
+@pytest.mark.timeout(480)  # a shared 2-core machine: training steps can take seconds each
 def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server(
         control_plane, operator, transcript, redis_client, adapter_store, tiny_llama_dir, tmp_path):
     (tmp_path / "tiny-service.yaml").write_text(yaml.safe_dump(tiny_service(tiny_llama_dir), sort_keys=False))
@@ -305,21 +306,18 @@ def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server
                 assert row.get("PHASE") != "Failed", f"{row}\n{replica.log_text()}"
                 return row if row.get("PHASE") == "Succeeded" and row.get("ADAPTER") == "tiny-lora@v4" else None
 
-            poll(succeeded, timeout=180, interval=0.5, what="tiny-lora Succeeded with tiny-lora@v4")
+            poll(succeeded, timeout=300, interval=1, what="tiny-lora Succeeded with tiny-lora@v4")
             time.sleep(1)  # the watch's last event
         finally:
             watch.terminate()
             watch.wait(10)
         transcript.record(f"kubectl get -n {NS} ftjob -w", watch_log.read_text())
-        rows = watch_rows(watch_log.read_text())
-        phases = [row["PHASE"] for row in rows]
-        assert phases[-1] == "Succeeded" and "Queued" in phases and "Running" in phases, phases
-        assert phases.index("Queued") < phases.index("Running"), phases
-        running = [row for row in rows if row["PHASE"] == "Running"]
-        assert any(row["PROGRESS"].endswith("%)") and float(row["LOSS"]) > 0 and row["ETA"] not in ("", "<none>")
-                   for row in running), running
-        assert any(row["ADAPTER"].startswith("tiny-lora@v") for row in running), running
-        assert rows[-1]["PROGRESS"] == "40/40 (100%)" and rows[-1]["ADAPTER"] == "tiny-lora@v4"
+        lines = watch_log.read_text().splitlines()
+        queued = first_line(lines, r"^tiny-lora +tiny +Queued ")
+        # PROGRESS, LOSS, ADAPTER, ETA and AGE all filled in while Running:
+        running = first_line(lines, r"^tiny-lora +tiny +Running +\d/8 \(\d+%\) +\d+\.\d+ +tiny-lora@v\d +\S+ +\S+$")
+        succeeded = first_line(lines, r"^tiny-lora +tiny +Succeeded +8/8 \(100%\) +\d+\.\d+ +tiny-lora@v4 ")
+        assert queued < running < succeeded, lines
 
         def serving() -> dict[str, str] | None:
             row = table(control_plane.kubectl, "flexis", "-n", NS)["tiny"]
