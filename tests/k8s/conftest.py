@@ -219,6 +219,7 @@ class ControlPlane:
                     f"--secure-port={free_port()}")
         self._start("kwok", kubeconfig, f"--config={self.binaries['kwok-stages.yaml']}", "--manage-all-nodes=false",
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    "--node-lease-duration-seconds=40",  # heartbeats through Leases, as kubelets do
                     "--node-ip=127.0.0.1", "--cidr=10.244.0.0/16", f"--node-port={free_port()}")
         for node in (fake_node("kwok-cpu", gpus=0), fake_node("kwok-gpu", gpus=2)):
             self.kubectl("apply", "-f", "-", input=json.dumps(node))

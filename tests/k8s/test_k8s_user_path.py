@@ -61,11 +61,14 @@ class Transcript:
         self.env = control_plane.env
         self.entries: list[tuple[str, str]] = []
 
-    def run(self, *command: str, cwd: Path = REPO, record: bool = True) -> str:
+    def run(self, *command: str, cwd: Path = REPO, until: str | None = None) -> str:
+        """Runs and records ``command``; with ``until``, the recorded output stops before that line."""
         result = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, f"{shlex.join(command)}:\n{result.stdout}\n{result.stderr}"
-        if record:
-            self.record(shlex.join(command), result.stdout)
+        shown = result.stdout
+        if until is not None and f"\n{until}\n" in shown:
+            shown = shown[:shown.index(f"\n{until}\n")] + f"\n({until} as above)"
+        self.record(shlex.join(command), shown)
         return result.stdout
 
     def record(self, command: str, output: str) -> None:
@@ -325,7 +328,8 @@ def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server
 
         row = poll(serving, timeout=30, what="ADAPTERS with tiny-lora@v4")
         served = json.loads(redis_client.hget(protocol.replica_state(f"{NS}.tiny", replica.name), "adapters"))
-        assert row["ADAPTERS"] == ",".join(sorted(served)) and row["READY"] == "1/1"
+        assert row["ADAPTERS"] == ",".join(sorted(served))
+        assert row["READY"] == "1/1", control_plane.kubectl("get", "-A", "nodes,pods,deployments", "-o", "wide").stdout
         transcript.run("kubectl", "get", "-n", NS, "flexis")
         body = {"model": "tiny-lora@v4", "prompt": "What is 2 + 2?", "max_tokens": 3, "temperature": 0}
         reply = httpx.post(f"{replica.base_url}/v1/completions", json=body, timeout=30)
@@ -344,7 +348,7 @@ def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server
 def test_helm_upgrade_rolls_the_operator_and_keeps_the_redis_password(control_plane, operator, transcript):
     password = control_plane.secret_value(NS, SECRET, SECRET_KEY)
     upgraded = transcript.run("helm", "upgrade", RELEASE, "charts/flexllm", "--namespace", NS, *FAST_SYNC,
-                              "--set", "operator.syncIntervalSeconds=2", "--wait", "--timeout=3m")
+                              "--set", "operator.syncIntervalSeconds=2", "--wait", "--timeout=3m", until="NOTES:")
     assert "REVISION: 2" in upgraded
     container = get(control_plane, "deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "FLEXLLM_SYNC_INTERVAL_S", "value": "2"} in container["env"]
