@@ -44,7 +44,8 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 NS = "flexllm"
 RELEASE = "flexllm"
 SECRET, SECRET_KEY = "flexllm-redis", "redis-password"
-FAST_SYNC = ["--set", "operator.syncIntervalSeconds=0.5", "--set", "operator.retryDelaySeconds=1",
+FAST_SYNC = ["--set", "operator.syncIntervalSeconds=0.5", "--set", "operator.statusIntervalSeconds=1",
+             "--set", "operator.retryDelaySeconds=1",
              "--set", "operator.cancelWaitSeconds=3"]
 DOCS = REPO / "docs" / "kubernetes.md"
 TRANSCRIPT_HEADING = "## A real run, captured by tests/k8s/test_k8s_user_path.py"
@@ -269,8 +270,8 @@ def tiny_job() -> dict[str, Any]:
     job["spec"]["inferenceService"] = "tiny"
     job["spec"]["dataset"]["source"] = f"file://{REPO / 'examples' / 'data' / 'tiny.jsonl'}"
     job["spec"]["lora"].update(rank=4, alpha=8)
-    job["spec"]["training"].update(maxSteps=8, batchTokens=64, maxSeqLen=32, learningRate=0.01)
-    job["spec"]["publish"].update(everySteps=2, keepVersions=3)
+    job["spec"]["training"].update(maxSteps=12, batchTokens=64, maxSeqLen=32, learningRate=0.01)
+    job["spec"]["publish"].update(everySteps=3, keepVersions=3)
     return job
 
 
@@ -318,8 +319,8 @@ def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server
         lines = watch_log.read_text().splitlines()
         queued = first_line(lines, r"^tiny-lora +tiny +Queued ")
         # PROGRESS, LOSS, ADAPTER, ETA and AGE all filled in while Running:
-        running = first_line(lines, r"^tiny-lora +tiny +Running +\d/8 \(\d+%\) +\d+\.\d+ +tiny-lora@v\d +\S+ +\S+$")
-        succeeded = first_line(lines, r"^tiny-lora +tiny +Succeeded +8/8 \(100%\) +\d+\.\d+ +tiny-lora@v4 ")
+        running = first_line(lines, r"^tiny-lora +tiny +Running +\d+/12 \(\d+%\) +\d+\.\d+ +tiny-lora@v\d +\S+ +\S+$")
+        succeeded = first_line(lines, r"^tiny-lora +tiny +Succeeded +12/12 \(100%\) +\d+\.\d+ +tiny-lora@v4 ")
         assert queued < running < succeeded, lines
 
         def serving() -> dict[str, str] | None:
