@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -34,7 +32,8 @@ import yaml
 
 from flexllm.worker.net import free_port
 
-from ..operator.conftest import poll
+from ..operator.conftest import die_with_parent, poll
+from ..operator.pods import stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kwok-stages.yaml")
@@ -76,12 +75,6 @@ def find_binaries() -> tuple[dict[str, Path], list[str]]:
 
 def control_plane_required() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("FLEXLLM_REQUIRE_CONTROL_PLANE") == "1"
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills it when pytest dies, so nothing is left orphaned."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def openssl(*args: str) -> None:
@@ -243,15 +236,9 @@ class ControlPlane:
         return ready == "TrueTrue"
 
     def stop(self) -> None:
-        """SIGTERM in reverse start order, SIGKILL after 15 s; every process is waited for."""
+        """SIGTERM in reverse start order (SIGKILL if one lingers); every process is waited for."""
         for process in reversed(self.processes.values()):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+            stop_process_group(process)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -35,7 +35,7 @@ import yaml
 from flexllm.worker import protocol
 from flexllm.worker.net import free_port
 
-from ..operator.conftest import example, poll, running_operator
+from ..operator.conftest import die_with_parent, example, poll, running_operator
 from ..operator.pods import pod_env, status_of, table, worker_pod
 from .conftest import REPO, ControlPlane
 
@@ -301,7 +301,7 @@ def test_a_worker_pod_trains_a_job_and_kubectl_shows_it_from_the_real_api_server
         watch_log = tmp_path / "watch.txt"
         with watch_log.open("w") as sink:
             watch = subprocess.Popen(["kubectl", "get", "-n", NS, "ftjob", "-w"], env=control_plane.env,
-                                     stdout=sink, stderr=subprocess.STDOUT)
+                                     stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         try:
             transcript.run("kubectl", "apply", "-n", NS, "-f", "tiny-lora.yaml", cwd=tmp_path)
 

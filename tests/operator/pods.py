@@ -25,7 +25,7 @@ import httpx
 
 from flexllm.worker.net import free_port
 
-from .conftest import poll
+from .conftest import die_with_parent, poll
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
@@ -117,7 +117,7 @@ def worker_pod(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str
     with log.open("w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "flexllm.worker.cli", *args], cwd=folder,
                                    env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_parent)
     running = Replica(pod_name, f"http://127.0.0.1:{port}", adapter_dir, log, process)
     try:
         def ready() -> bool:
