@@ -17,7 +17,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from ..operator.pods import stop_process_group
 REPO = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kwok-stages.yaml")
 CLIENTS = ("kubectl", "helm")
-TOOLS_BIN = REPO / ".cache" / "bin"  # where scripts/install.sh --dev puts the project's kubectl and helm
+TOOLS_BIN = REPO / ".cache" / "bin"  # the project's kubectl and helm (scripts/install_kube_tools.sh)
 SERVICE_CIDR = "10.96.0.0/16"  # virtual IPs the API server allocates to Services: no traffic goes there
 
 
@@ -65,11 +64,9 @@ def find_binaries() -> tuple[dict[str, Path], list[str]]:
         path = next((d / name for d in binary_dirs() if (d / name).is_file()), None)
         if path is not None:
             found[name] = path
-    search = os.pathsep.join([str(TOOLS_BIN), os.environ.get("PATH", "")])
-    for name in CLIENTS:
-        located = shutil.which(name, path=search)
-        if located is not None:
-            found[name] = Path(located)
+    for name in CLIENTS:  # the project's own, never one found on PATH (as tests/conftest.py's kube_tool)
+        if os.access(TOOLS_BIN / name, os.X_OK):
+            found[name] = TOOLS_BIN / name
     return found, [name for name in (*BINARIES, *CLIENTS) if name not in found]
 
 
@@ -286,8 +283,8 @@ def missing_control_plane() -> str | None:
         return None
     where = ", ".join(str(d) for d in binary_dirs())
     return (f"no real Kubernetes control plane: {', '.join(missing)} not found in {where} or .cache/bin "
-            f"(bash scripts/build_control_plane.sh builds it with Go; bash scripts/install.sh --dev installs "
-            f"kubectl and helm)")
+            f"(bash scripts/build_control_plane.sh builds it with Go; bash scripts/install_kube_tools.sh "
+            f"installs kubectl and helm)")
 
 
 SKIPPED = pytest.StashKey[str]()
