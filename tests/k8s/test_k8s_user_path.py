@@ -229,10 +229,14 @@ def test_kubectl_apply_examples_runs_a_worker_pod_on_the_gpu_node(control_plane,
     transcript.run("kubectl", "get", "-n", NS, "inferenceservices.flexllm.ai,finetunejobs")
 
 
-def test_kubectl_describe_shows_the_operators_events(control_plane, operator):
+def test_kubectl_describe_shows_the_operators_events_and_kopf_state_survives_pruning(control_plane, operator):
     described = control_plane.kubectl("describe", "-n", NS, "ftjob", "tiny-lora").stdout
     events = described[described.index("Events:"):]
     assert "Queued" in events and "queued on InferenceService 'smollm2'" in events, described
+    # kopf's own state lives in annotations, which the structural schema keeps; none of it in .status.
+    job = get(control_plane, "ftjob", "tiny-lora")
+    assert "flexllm.ai/last-handled-configuration" in job["metadata"]["annotations"]
+    assert "kopf" not in job["status"]
 
 
 def test_kubectl_delete_runs_the_finalizer_that_cleans_redis(control_plane, operator, redis_client):
