@@ -31,8 +31,8 @@ import yaml
 
 from flexllm.worker.net import free_port
 
+from ..conftest import stop_process_group
 from ..operator.conftest import die_with_parent, poll
-from ..operator.pods import stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kwok-stages.yaml")

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import httpx
 
 from flexllm.worker.net import free_port
 
+from ..conftest import stop_process_group
 from .conftest import die_with_parent, poll
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
@@ -87,17 +87,6 @@ class Replica:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @contextlib.contextmanager
