@@ -132,13 +132,15 @@ def job_status(job: str, generation: int | None, old: Mapping[str, Any], raw: Ma
     """The FinetuneJob status patch for the worker's progress hash and published versions.
 
     progress and trainerStatus are left out while the last ones are younger than interval_s (see
-    progress_due), so the API server and the dashboards watching it get one update per interval.
+    progress_due), so the API server and the dashboards watching it get one update per interval, and
+    while the progress has not changed (no new lastUpdatedTime, no watch event, for a step in progress).
     """
     phase = raw.get("phase") or old.get("phase") or "Queued"
     status: Status = {"phase": phase, "message": raw.get("message", ""), "observedGeneration": generation}
-    if progress_due(old, phase, now, interval_s):
-        status["progress"] = progress_status(raw)
-        status["trainerStatus"] = trainer_status(status["progress"], now)
+    progress = progress_status(raw)
+    if progress != old.get("progress") and progress_due(old, phase, now, interval_s):
+        status["progress"] = progress
+        status["trainerStatus"] = trainer_status(progress, now)
     adapter = adapter_status(job, raw_versions, keep_versions)
     if adapter is not None:
         status["adapter"] = adapter

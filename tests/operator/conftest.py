@@ -20,9 +20,12 @@ validator), garbage-collect owned objects, or serve PUT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import datetime
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -332,14 +335,27 @@ def operator_process(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.
         "FLEXLLM_PEERING": "",
         "FLEXLLM_LIVENESS": "",
     }
+    with running_operator(env, log):
+        yield log
+
+
+def die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it when pytest dies, so nothing is left orphaned."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_operator(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """``python -m flexllm.operator`` with ``env`` until kopf's startup activity succeeded; stopped on exit."""
     with log.open("w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "flexllm.operator"], env=env, cwd=REPO,
-                                   stdout=sink, stderr=subprocess.STDOUT)
+                                   stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     try:
         poll(lambda: "Activity 'startup' succeeded" in log.read_text() or process.poll() is not None,
              what="operator startup")
         assert process.poll() is None, log.read_text()
-        yield log
+        yield process
     finally:
         process.terminate()
         try:

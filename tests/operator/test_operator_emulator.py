@@ -17,6 +17,7 @@ import pytest
 from flexllm.worker import protocol
 
 from .conftest import apply, example
+from .pods import status_of
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("operator_process")]
 
@@ -24,29 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE_KEY = "default.smollm2"  # the worker's --service: <namespace>.<name>
 
 
-
-
-
-
 def get(kubectl, *args: str) -> dict[str, Any]:
     return json.loads(kubectl("get", *args, "-o", "json").stdout)
-
-
-def status_of(kubectl, kind: str, name: str) -> dict[str, Any]:
-    return get(kubectl, kind, name).get("status", {})
-
-
-def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
-    """`kubectl get <kind>` as {name: {COLUMN: value}}."""
-    header, *rows = kubectl("get", kind).stdout.splitlines()
-    starts = [header.index(column) for column in header.split()]
-    names = header.split()
-
-    def cells(row: str) -> dict[str, str]:
-        bounds = zip(starts, starts[1:] + [None], strict=True)
-        return {name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)}
-
-    return {cells(row)["NAME"]: cells(row) for row in rows}
 
 
 def test_inferenceservice_creates_worker_deployment_and_service(kubectl, api_server, tmp_path, wait_for):

@@ -81,6 +81,14 @@ def test_progress_is_rewritten_at_most_every_interval_but_phase_changes_pass():
     assert done["progress"]["display"] == "10/10 (100%)" and done["trainerStatus"]["progressPercentage"] == 100
 
 
+def test_unchanged_progress_is_not_rewritten_after_the_interval():
+    """A long step: no new lastUpdatedTime every interval (a real API server's watch showed one a second)."""
+    first = job({"phase": "Queued"}, {"phase": "Running", "step": "1", "total_steps": "10"})
+    old = {**first, "phase": "Running"}
+    idle = job(old, {"phase": "Running", "step": "1", "total_steps": "10"}, seconds=60)
+    assert st.changed_fields(old, idle) == {}
+
+
 def test_condition_messages_fit_the_schema_bound():
     long = st.condition("Ready", False, "Failed", "x" * 40000)
     assert len(long["message"]) == st.MAX_CONDITION_MESSAGE

@@ -15,14 +15,10 @@ operator; the Deployment's readyReplicas, which a kubelet would report, mirrors 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +26,9 @@ import httpx
 import pytest
 
 from flexllm.worker import protocol
-from flexllm.worker.net import free_port
 
-from ..conftest import stop_process_group
 from .conftest import REDIS_PASSWORD, apply, example, poll
+from .pods import Replica, status_of, table, worker_pod
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("operator_process")]
 
@@ -41,69 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "tiny"
 SERVICE_KEY = f"default.{NAME}"  # the worker's --service: <namespace>.<name>
 DATASET = REPO / "examples" / "data" / "tiny.jsonl"
-
-
-
-
-
-
-def table(kubectl, kind: str) -> dict[str, dict[str, str]]:
-    """`kubectl get <kind>` as {name: {COLUMN: value}} (columns split at the header's offsets)."""
-    header, *rows = kubectl("get", kind).stdout.splitlines()
-    starts = [match.start() for match in re.finditer(r"\S+", header)]
-    names = header.split()
-
-    def cells(row: str) -> dict[str, str]:
-        bounds = zip(starts, starts[1:] + [None], strict=True)
-        return {name: row[a:b].strip() for name, (a, b) in zip(names, bounds, strict=True)}
-
-    return {cells(row)["NAME"]: cells(row) for row in rows}
-
-
-def status_of(kubectl, kind: str, name: str) -> dict[str, Any]:
-    return json.loads(kubectl("get", kind, name, "-o", "json").stdout).get("status", {})
-
-
-def pod_env(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str, str], str]) -> dict[str, str]:
-    """The container's env as the kubelet resolves it (value, fieldRef metadata.name, secretKeyRef)."""
-    env: dict[str, str] = {}
-    for item in container.get("env", []):
-        source = item.get("valueFrom", {})
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
-            env[item["name"]] = pod_name
-        elif "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            env[item["name"]] = secrets[ref["name"], ref["key"]]
-        else:
-            raise AssertionError(f"the test cannot resolve env {item}")
-    return env
-
-
-def expand(arg: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in container args."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
-
-
-def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
-    assert flag in args, f"the Deployment renders no {flag}"
-    at = args.index(flag)
-    return [*args[:at + 1], value, *args[at + 2:]]
-
-
-@dataclass
-class Replica:
-    """The worker process standing in for the Deployment's one pod."""
-
-    name: str
-    base_url: str
-    adapter_dir: Path
-    log: Path
-    process: subprocess.Popen
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -120,37 +52,13 @@ def replica(kubectl, api_server, tiny_llama_dir, tmp_path_factory) -> Iterator[R
     poll(lambda: api_server.objects("services").get(NAME), what="Service")
 
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["flexllm"]
-    pod_name = f"{NAME}-worker-7d9f8-x2k4q"
-    env = pod_env(container, pod_name, {("flexllm-redis", "redis-password"): REDIS_PASSWORD})
-    env["HOME"] = str(folder / "home")  # the pod's /tmp emptyDir
-    args = [expand(arg, env) for arg in container["args"]]
-    assert args[0] == "serve" and args[args.index("--model") + 1] == str(tiny_llama_dir)
-    port = free_port()
-    args = replace_flag(args, "--adapter-dir", str(folder / "adapters"))  # the adapter PVC's mount
-    args = replace_flag(args, "--port", str(port))
-    args += ["--host", "127.0.0.1", "--max-finetune-tokens", "64", "--log-level", "info"]
-
-    log = folder / "worker.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "flexllm.worker.cli", *args], cwd=folder,
-                                   env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    running = Replica(pod_name, f"http://127.0.0.1:{port}", folder / "adapters", log, process)
-    try:
-        def ready() -> bool:
-            assert process.poll() is None, f"the worker exited:\n{running.log_text()}"
-            try:
-                return httpx.get(f"{running.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        poll(ready, timeout=120, interval=0.5, what="the worker's /readyz")
+    assert container["args"][container["args"].index("--model") + 1] == str(tiny_llama_dir)
+    secrets = {("flexllm-redis", "redis-password"): REDIS_PASSWORD}
+    with worker_pod(container, f"{NAME}-worker-7d9f8-x2k4q", secrets, folder, folder / "adapters",
+                    ["--max-finetune-tokens", "64", "--log-level", "info"]) as running:
         kubectl("patch", "deployment", f"{NAME}-worker", "--subresource=status", "--type=merge",
                 "-p", '{"status": {"replicas": 1, "readyReplicas": 1}}')  # the kubelet's report
         yield running
-    finally:
-        stop_process_group(process)
 
 
 def finetunejob(name: str, max_steps: int, every_steps: int) -> dict[str, Any]:
