@@ -9,10 +9,11 @@ import kopf
 from flexllm.operator import status as st
 from flexllm.operator.builders import service_key
 from flexllm.operator.config import CONFIG
-from flexllm.operator.handling import mark_not_ready, validate
+from flexllm.operator.handling import mark_not_ready, require_names, validate
 from flexllm.operator.kube import GROUP
 from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
 from flexllm.operator.store import transient_redis_errors
+from flexllm.worker.names import is_valid_name
 from flexllm.worker.protocol import TERMINAL_PHASES
 
 PLURAL = "finetunejobs"
@@ -32,6 +33,8 @@ def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: ko
         return  # queued before (e.g. an operator restart): the timer follows it from here
     generation = meta.get("generation")
     job = validate(FinetuneJobSpec, spec, patch, status, generation, phase="Failed", terminal=True)
+    require_names(patch, status, generation, "Failed", [("job", name), ("namespace", namespace),
+                                                        ("InferenceService", job.inference_service)], terminal=True)
     service = memo.kube.inference_service(namespace, job.inference_service)
     if service is None:
         message = (f"InferenceService {job.inference_service!r} not found in namespace {namespace!r}; "
@@ -79,6 +82,8 @@ def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, m
 def cancel(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, runtime: Any,
            **_: Any) -> None:
     """Raises the cancel flag, waits (bounded) for a running job to stop, then cleans its Redis state."""
+    if not (is_valid_name(name) and is_valid_name(spec.get("inferenceService"))):
+        return  # rejected at creation: never queued, nothing in Redis
     key = service_key(namespace, spec.get("inferenceService", ""))
     with transient_redis_errors(CONFIG.retry_delay_s):
         phase = memo.store.progress(key, name).get("phase")

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from flexllm.operator import status as st
 from flexllm.operator.models import describe
+from flexllm.worker.names import InvalidNameError, validate_name
 
 Spec = TypeVar("Spec", bound=BaseModel)
 
@@ -32,3 +33,15 @@ def validate(model: type[Spec], spec: Mapping[str, Any], patch: kopf.Patch, old:
     except ValidationError as error:
         mark_not_ready(patch, old, generation, phase, "InvalidSpec", describe(error), terminal)
         raise kopf.PermanentError(f"invalid spec: {describe(error)}") from error
+
+
+def require_names(patch: kopf.Patch, old: Mapping[str, Any], generation: int | None, phase: str,
+                  names: list[tuple[str, str]], terminal: bool = False) -> None:
+    """Each ``(kind, name)`` follows the naming rule (``flexllm.worker.names``), or a PermanentError with
+    Ready=False/InvalidName in the status: such a name would never be safe as a Redis key or folder."""
+    try:
+        for kind, name in names:
+            validate_name(name, kind)
+    except InvalidNameError as error:
+        mark_not_ready(patch, old, generation, phase, "InvalidName", str(error), terminal)
+        raise kopf.PermanentError(str(error)) from error

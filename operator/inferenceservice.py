@@ -9,7 +9,7 @@ import kopf
 from flexllm.operator import builders
 from flexllm.operator import status as st
 from flexllm.operator.config import CONFIG
-from flexllm.operator.handling import validate
+from flexllm.operator.handling import require_names, validate
 from flexllm.operator.kube import GROUP
 from flexllm.operator.models import InferenceServiceSpec
 from flexllm.operator.store import transient_redis_errors
@@ -24,6 +24,8 @@ def reconcile(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta:
               status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Applies the worker Deployment and the Service; a spec change rolls the Deployment."""
     service = validate(InferenceServiceSpec, spec, patch, status, meta.get("generation"), phase="Failed")
+    require_names(patch, status, meta.get("generation"), "Failed", [
+        ("InferenceService", name), ("namespace", namespace), *(("adapter", a.name) for a in service.adapters)])
     children = [builders.build_deployment(name, namespace, service, memo.config),
                 builders.build_service(name, namespace)]
     kopf.adopt(children, owner=body)

@@ -87,6 +87,10 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-seconds", type=float, default=DRAIN_S,
                    help="on SIGTERM/SIGINT: time to finish requests in flight and jobs' current steps before "
                         "handing the rest back to other replicas (a second signal exits at once)")
+    g.add_argument("--max-deliveries", type=int, default=3,
+                   help="a request or job whose engines died this many times goes to the dead-letter stream")
+    g.add_argument("--redis-outage-s", type=float, default=30.0,
+                   help="exit (non-zero) once Redis is unreachable for this long")
 
 
 def _coserve_args(p: argparse.ArgumentParser) -> None:
@@ -216,6 +220,7 @@ def _adapter_dir(args: argparse.Namespace) -> str:
 def _worker_options(args: argparse.Namespace, url: str):
     from flexllm.worker.coserve.policy import SLO
     from flexllm.worker.engine.loader import resolve_model
+    from flexllm.worker.names import InvalidNameError, validate_name
     from flexllm.worker.serving import WorkerOptions
 
     pinned = {}
@@ -223,10 +228,16 @@ def _worker_options(args: argparse.Namespace, url: str):
         name, _, uri = item.partition("=")
         if not uri:
             raise CommandError("--adapter takes NAME=URI")
+        try:
+            validate_name(name, "adapter")
+        except InvalidNameError as error:
+            raise CommandError(f"--adapter: {error}") from None
         pinned[name] = str(resolve_model(uri))
     return WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms,
-                         SLO(args.ttft_ms / 1000, args.tpot_ms / 1000), args.policy, args.max_finetune_tokens,
-                         args.data_dir, pinned, args.drain_seconds)
+                         slo=SLO(args.ttft_ms / 1000, args.tpot_ms / 1000), policy=args.policy,
+                         max_finetune_tokens=args.max_finetune_tokens, data_dir=args.data_dir, pinned_adapters=pinned,
+                         drain_s=args.drain_seconds, max_deliveries=args.max_deliveries,
+                         redis_outage_s=args.redis_outage_s)
 
 
 def _replica() -> str:
@@ -505,6 +516,7 @@ def read_job_manifest(file: Path) -> tuple[str, dict, dict]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from flexllm.worker.names import InvalidNameError, validate_name, validate_service
     from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
     name, metadata, spec = read_job_manifest(args.file)
@@ -513,9 +525,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise CommandError(f"{args.file}: invalid spec: {problems}") from None
+    try:
+        validate_name(name, "job")
+        service = validate_service(parsed.inference_service or DEFAULT_SERVICE)
+    except InvalidNameError as error:
+        raise CommandError(f"{args.file}: {error}") from None
     if not args.no_dataset_check:
         _check_dataset(parsed, args.file, args.model)
-    service = parsed.inference_service or DEFAULT_SERVICE
     client = _client(args)
     queue = JobQueue(client, service)
     if not queue.submit(JobSubmission(name, metadata.get("namespace", args.namespace), spec)):

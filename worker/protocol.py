@@ -18,6 +18,26 @@ layout is written down exactly once.
                           ``status.loadedAdapters`` and the ``AdaptersLoaded`` condition
 - ``cancel:{request_id}`` string ``"1"`` once a client went away: the engine aborts the request
 - ``adapter-versions``    hash ``name@vN`` -> JSON version: what may be served
+- ``dead-letter``         stream: poison entries taken out of ``requests`` or ``jobs`` (fields ``stream``,
+                          ``entry``, ``data`` — the original entry's —, ``error``, ``deliveries``, ``time``)
+
+Names. ``{service}`` and ``{job}`` follow ``flexllm.worker.names`` (DNS-1123: lowercase letters, digits,
+``-``, ``.``; never ``:``), so no valid name can reach into another key's layout (job ``x:cancel`` would
+be job ``x``'s cancel flag). Every entrance checks names — the API (``model``), ``flexllm submit``, the
+operator's handlers and the worker's job intake; an entry whose name breaks the rule is dead-lettered
+without touching any key built from that name.
+
+Delivery. Both streams are at-least-once: an entry stays pending until its consumer acknowledges it
+(a request once its final chunk is in its output stream, a job once it ended), and an entry whose
+consumer stopped answering for ``reclaim_idle_ms`` is taken over (XAUTOCLAIM) by another engine. Each
+delivery raises the entry's delivery counter (XPENDING ``times_delivered``; heartbeats do not, and a
+hand-back on a clean stop lowers it by one first, so a drained entry is no failed delivery). An
+entry claimed with a counter above ``MAX_DELIVERIES`` (a poison message: its engines kept dying while
+processing it) is not processed again: it is added to ``dead-letter`` with its error, acknowledged and
+deleted, and its client is answered — a request with a final error chunk (``OutputChunk.failure``, 500)
+in its output stream, a job with phase ``Failed`` and the error as ``message`` in its progress hash. An
+error an engine catches (bad parameters, non-finite logits, a failed adapter load, a broken dataset)
+fails only its request or job right away and never counts as a delivery.
 """
 
 from __future__ import annotations
@@ -36,6 +56,8 @@ PROGRESS_FIELDS = (
 )
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 REPLICA_TTL_S = 30
+MAX_DELIVERIES = 3  # deliveries of a request or job entry before it is dead-lettered
+DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream keeps about this many newest records
 
 
 def service_prefix(service: str) -> str:
@@ -64,6 +86,10 @@ def job_cancel_flag(service: str, job: str) -> str:
 
 def job_versions(service: str, job: str) -> str:
     return f"{job_progress(service, job)}:versions"
+
+
+def dead_letter_stream(service: str) -> str:
+    return f"{service_prefix(service)}:dead-letter"
 
 
 def adapter_channel(service: str) -> str:

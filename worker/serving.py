@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from flexllm.worker import protocol
 from flexllm.worker.adapters.publisher import AdapterPublisher
 from flexllm.worker.adapters.registry import AdapterRegistry
 from flexllm.worker.adapters.store import AdapterStore
@@ -43,20 +44,33 @@ class ActiveRequest:
     prompt_tokens: int  # of the original prompt
     resumed_tokens: int  # output tokens streamed by a previous consumer before it died
     want_logprobs: bool
+    chunks: int  # output chunks queued so far (by this consumer and any before it): the next one's number
     prefilled: bool = False
 
 
+class EngineBroken(RuntimeError):
+    """The loop cannot go on: iterations keep failing, or Redis stayed away too long. The process exits
+    (non-zero) so that its supervisor restarts it; its pending requests and jobs are reclaimed."""
+
+
 class ServingLoop:
-    """Claims requests, steps the engine, streams outputs, acknowledges only what is durable."""
+    """Claims requests, steps the engine, streams outputs, acknowledges only what is durable.
+
+    An error caused by one request fails that request (an error chunk) and the loop goes on; an
+    iteration that fails as a whole fails the requests in the engine. ``max_failures`` failed
+    iterations in a row, or Redis unreachable for ``redis_outage_s``, raise ``EngineBroken``."""
 
     def __init__(self, engine: LLMEngine, requests: RequestConsumer, adapters: AdapterSync | None = None,
                  jobs: JobIntake | None = None, metrics: Metrics | None = None, idle_block_ms: int = 100,
-                 housekeeping_s: float = 0.25):
+                 housekeeping_s: float = 0.25, max_failures: int = 3, redis_outage_s: float = 30.0):
         self.engine, self.requests, self.adapters, self.jobs = engine, requests, adapters, jobs
         self.metrics = metrics
         self.idle_block_ms, self.housekeeping_s = idle_block_ms, housekeeping_s
+        self.max_failures, self.redis_outage_s = max_failures, redis_outage_s
+        self.failures = 0  # iterations failed in a row
+        self.redis_lost_at: float | None = None  # monotonic time of the first failed call of an outage
         self.active: dict[str, ActiveRequest] = {}
-        self.outbox: list[tuple[str, OutputChunk]] = []  # chunks not yet in Redis (kept across outages)
+        self.outbox: list[tuple[str, int | None, OutputChunk]] = []  # not yet in Redis (kept across outages)
         self.done: list[str] = []  # entry ids to acknowledge once the outbox is flushed
         self._next_housekeeping = 0.0
 
@@ -92,15 +106,28 @@ class ServingLoop:
         except TRANSIENT_ERRORS as error:  # what is in flight stays pending: reclaimed after the idle time
             log.error("Redis unreachable while draining (%s): in-flight work is left for reclaim", error)
 
-    @staticmethod
-    def _guarded(iteration, delay: float, stop: threading.Event) -> float:
+    def _guarded(self, iteration, delay: float, stop: threading.Event) -> float:
+        """Run one iteration; back off while Redis is away; raise ``EngineBroken`` past the bounds."""
         try:
             iteration()
-            return 0.5
         except TRANSIENT_ERRORS as error:
+            now = time.monotonic()
+            self.redis_lost_at = self.redis_lost_at or now
+            if now - self.redis_lost_at > self.redis_outage_s:
+                raise EngineBroken(f"Redis unreachable for more than {self.redis_outage_s:.0f} s: {error}") from error
             log.error("Redis unreachable: %s; retrying in %.1f s", error, delay)
             stop.wait(delay)
-            return min(delay * 2, 30.0)
+            return min(delay * 2, 5.0)
+        except Exception as error:
+            self.failures += 1
+            log.exception("engine iteration failed (%d in a row)", self.failures)
+            if self.failures >= self.max_failures:
+                raise EngineBroken(f"{self.failures} engine iterations failed in a row; last: "
+                                   f"{type(error).__name__}: {error}") from error
+            stop.wait(delay)
+            return min(delay * 2, 5.0)
+        self.failures, self.redis_lost_at = 0, None
+        return 0.5
 
     def run_once(self) -> list[RequestOutput]:
         """One iteration: flush, hot-load adapters, take jobs and requests, step, stream, acknowledge."""
@@ -110,8 +137,9 @@ class ServingLoop:
         if self.jobs is not None:
             self.jobs.poll()
         busy = self.engine.has_unfinished_requests() or (self.jobs is not None and self.jobs.handler.has_work())
+        held = [a.entry_id for a in self.active.values()]
         for claimed in self.requests.claim(self.engine.config.max_num_seqs - len(self.active),
-                                           0 if busy else self.idle_block_ms):
+                                           0 if busy else self.idle_block_ms, held):
             self.start(claimed)
         self._housekeeping()
         return self._step_and_flush()
@@ -121,7 +149,19 @@ class ServingLoop:
         return self._step_and_flush()
 
     def _step_and_flush(self) -> list[RequestOutput]:
-        outputs = self.engine_step()
+        try:
+            outputs = self.engine_step()
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:  # nothing to pin it on: the requests in the engine fail, the loop counts it
+            self.engine.fail_all(error)
+            message = f"the engine iteration failed: {type(error).__name__}: {error}"
+            for rid, active in self.active.items():
+                self.outbox.append((rid, active.chunks, OutputChunk.failure(500, "InternalServerError", message)))
+                self.done.append(active.entry_id)
+            self.active.clear()
+            self.flush()
+            raise
         self.collect(outputs)
         self.flush()
         return outputs
@@ -143,6 +183,7 @@ class ServingLoop:
         if rid in self.active:
             return
         resumed: list[int] = []
+        emitted: list[OutputChunk] = []
         if claimed.reclaimed:
             emitted = self.requests.emitted(rid)
             if emitted and emitted[-1].finished:  # its consumer died between the last chunk and the ack
@@ -161,9 +202,15 @@ class ServingLoop:
             self._fail(claimed.entry_id, rid, OutputChunk.failure(404, "NotFoundError", str(error)))
         except (ValueError, TypeError) as error:
             self._fail(claimed.entry_id, rid, OutputChunk.failure(400, "BadRequestError", str(error)))
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:  # e.g. its adapter failed to load: this request fails, not the loop
+            log.exception("request %s failed to start", rid)
+            self._fail(claimed.entry_id, rid, OutputChunk.failure(500, "InternalServerError",
+                                                                  f"{type(error).__name__}: {error}"))
         else:
             self.active[rid] = ActiveRequest(claimed.entry_id, len(request.prompt_token_ids), len(resumed),
-                                             params.logprobs is not None)
+                                             params.logprobs is not None, len(emitted))
 
     def hand_back(self) -> None:
         """Abort the requests in flight and leave them to another engine, which resumes each one after
@@ -179,7 +226,7 @@ class ServingLoop:
             log.info("handed back %d unfinished requests", len(entries))
 
     def _fail(self, entry_id: str, request_id: str, chunk: OutputChunk) -> None:
-        self.outbox.append((request_id, chunk))
+        self.outbox.append((request_id, None, chunk))
         self.done.append(entry_id)
 
     def collect(self, outputs: list[RequestOutput]) -> None:
@@ -187,8 +234,13 @@ class ServingLoop:
             active = self.active.get(out.request_id)
             if active is None:
                 continue
-            chunk = OutputChunk.from_output(out, active.prompt_tokens, active.resumed_tokens, active.want_logprobs)
-            self.outbox.append((out.request_id, chunk))
+            if out.error is not None:
+                chunk = OutputChunk.failure(500, "InternalServerError", f"the request failed: {out.error}")
+            else:
+                chunk = OutputChunk.from_output(out, active.prompt_tokens, active.resumed_tokens,
+                                                active.want_logprobs)
+            self.outbox.append((out.request_id, active.chunks, chunk))
+            active.chunks += 1
             if self.metrics is not None:
                 if not active.prefilled:
                     self.metrics.tokens.labels("prompt").inc(out.num_prompt_tokens)
@@ -231,6 +283,8 @@ class WorkerOptions:
     replica: str = "local"  # the pod name in a cluster: the key of its replica hash
     adapter_dir: str | None = None
     reclaim_idle_ms: int = 30_000
+    max_deliveries: int = protocol.MAX_DELIVERIES  # of a request or job entry, then it is dead-lettered
+    redis_outage_s: float = 30.0  # Redis unreachable this long: the engine loop stops, the process exits
     slo: SLO = field(default_factory=SLO)
     policy: str = "coserve"
     max_finetune_tokens: int = 256
@@ -265,12 +319,12 @@ class EngineWorker:
         registry.sync_from_store(store)
         coserve = CoServingEngine(engine, opts.slo, opts.policy, opts.max_finetune_tokens)
         coserve.profile()
-        queue = JobQueue(client, opts.service)
+        queue = JobQueue(client, opts.service, opts.max_deliveries)
         handler = CoServingJobs(queue, coserve, AdapterPublisher(store, registry), consumer, self.metrics,
                                 Path(opts.data_dir) if opts.data_dir else None)
         jobs = JobIntake(queue, consumer, handler, self.parse_spec, opts.reclaim_idle_ms)
-        loop = ServingLoop(engine, RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms),
-                           adapters, jobs, self.metrics)
+        requests = RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms, opts.max_deliveries)
+        loop = ServingLoop(engine, requests, adapters, jobs, self.metrics, redis_outage_s=opts.redis_outage_s)
         adapters.start()
         log.info("engine loop %s serving %s (service %s)", consumer, engine.model_path, opts.service)
         if self.on_ready is not None:

@@ -129,3 +129,55 @@ def write_peft_adapter(model_dir: Path, folder: Path, seed: int = 0, rank: int =
 @pytest.fixture(scope="session")
 def peft_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
     return write_peft_adapter(tiny_llama_dir, tmp_path_factory.mktemp("peft-adapter"))
+
+
+class RecordingJobHandler:
+    """Stands in for the co-serving handler where intake is tested alone (tests/coserve trains for real);
+    it takes every job and never ends one, as a replica that stopped would."""
+
+    def __init__(self):
+        self.accepted, self.reclaimed = [], []
+
+    def accept(self, job, spec, entry_id):
+        self.accepted.append((job.name, entry_id))
+        self.reclaimed.append(job.reclaimed)
+        return True
+
+    def held_entries(self):
+        return []
+
+    def has_work(self):
+        return False
+
+    def step(self):
+        return []
+
+
+def stream_completion(base_url: str, prompt: str, max_tokens: int, first_token: threading.Event) -> str:
+    """A greedy streamed completion (ignore_eos) through the OpenAI SDK; sets ``first_token`` on the first one."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    parts = []
+    for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        parts.append(chunk.choices[0].text)
+        first_token.set()
+    return "".join(parts)
+
+
+def run_loop_in_thread(loop) -> tuple[threading.Thread, threading.Event, dict]:
+    """A ``ServingLoop`` running in a thread: (thread, its stop event, ``{"error": EngineBroken}`` once it gave up)."""
+    from flexllm.worker.serving import EngineBroken
+
+    stop, outcome = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            loop.run(stop)
+        except EngineBroken as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="serving-loop")
+    thread.start()
+    return thread, stop, outcome

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
 from transformers import AutoTokenizer
 
@@ -21,7 +20,7 @@ from flexllm.worker.api.app import ApiConfig, create_app
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.sampling import SamplingParams
 
-from .conftest import ServerThread, unique_service
+from .conftest import ServerThread, stream_completion, unique_service
 
 MAX_TOKENS = 200
 PROMPTS = [f"Request number {i} says" for i in range(6)]
@@ -52,21 +51,12 @@ def test_killed_engine_requests_are_finished_by_another(tiny_llama_dir, redis_ur
     workers: list[subprocess.Popen] = []
     first_token = threading.Event()
 
-    def stream(prompt: str) -> str:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        parts = []
-        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True}):
-            parts.append(chunk.choices[0].text)
-            first_token.set()
-        return "".join(parts)
-
     try:
         with ServerThread(app, None) as base_url:
             workers.append(start_worker("worker-a", tiny_llama_dir, redis_url, service, tmp_path, logs["worker-a"]))
             wait_replica(redis_client, service, "worker-a", workers[0], logs["worker-a"])
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                futures = [pool.submit(stream, p) for p in PROMPTS]
+                futures = [pool.submit(stream_completion, base_url, p, MAX_TOKENS, first_token) for p in PROMPTS]
                 assert first_token.wait(60), logs["worker-a"].read_text()
                 os.kill(workers[0].pid, signal.SIGSTOP)  # freeze it mid-stream, then make sure it was
                 pending = redis_client.xpending(protocol.request_stream(service), protocol.ENGINE_GROUP)
@@ -76,6 +66,8 @@ def test_killed_engine_requests_are_finished_by_another(tiny_llama_dir, redis_ur
                 workers.append(start_worker("worker-b", tiny_llama_dir, redis_url, service, tmp_path,
                                             logs["worker-b"]))
                 texts = [f.result(timeout=180) for f in futures]
+            # read now: once worker-b is killed its replica hash expires (TTL) while the reference runs
+            adapters = redis_client.hget(protocol.replica_state(service, "worker-b"), "adapters")
     finally:
         for process in workers:
             process.kill()
@@ -86,4 +78,4 @@ def test_killed_engine_requests_are_finished_by_another(tiny_llama_dir, redis_ur
     expected = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     assert texts == [out.text for out in expected]  # nothing lost, nothing repeated
     assert redis_client.xlen(protocol.request_stream(service)) == 0  # all acknowledged and deleted
-    assert json.loads(redis_client.hget(protocol.replica_state(service, "worker-b"), "adapters")) == []
+    assert adapters is not None and json.loads(adapters) == [], logs["worker-b"].read_text()[-5000:]

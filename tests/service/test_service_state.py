@@ -20,7 +20,7 @@ from flexllm.worker.queue.connection import connect, redacted, with_backoff
 from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
-from .conftest import free_port, unique_service
+from .conftest import RecordingJobHandler, free_port, unique_service
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,23 +58,6 @@ def test_model_resolution_pins_the_latest_version(tmp_path, redis_client):
             resolve_model(unknown, "base", versions)
     history = redis_client.lrange(protocol.job_versions(registry.service, "chat"), 0, -1)
     assert [json.loads(h)["version"] for h in history] == [1, 2]
-
-
-class RecordingJobHandler:
-    """Stands in for the co-serving handler: intake is tested alone here (tests/coserve trains for real)."""
-
-    def __init__(self):
-        self.accepted, self.reclaimed = [], []
-
-    def accept(self, job, spec, entry_id):
-        self.accepted.append((job.name, entry_id))
-        self.reclaimed.append(job.reclaimed)
-
-    def has_work(self):
-        return False
-
-    def step(self):
-        return []
 
 
 def test_job_intake_validates_and_respects_cancel(redis_client):

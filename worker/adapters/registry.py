@@ -7,7 +7,8 @@ import json
 import redis
 
 from flexllm.worker import protocol
-from flexllm.worker.adapters.store import AdapterStore, AdapterVersion, split_version_name
+from flexllm.worker.adapters.store import AdapterStore, AdapterVersion
+from flexllm.worker.names import split_version
 
 
 class UnknownModelError(KeyError):
@@ -35,10 +36,11 @@ def resolve_model(model: str, base: str, versions: dict[str, AdapterVersion]) ->
     """``model`` -> the concrete version to serve (``adapter@vN``), or None for the base model.
 
     ``<adapter>`` means its latest version at the time of the request, pinned for the whole request.
+    A ``model`` that breaks the naming rule raises ``InvalidNameError``.
     """
     if model == base:
         return None
-    adapter, version = split_version_name(model)
+    adapter, version = split_version(model)
     if version is not None and model in versions:
         return model
     latest = latest_versions(versions).get(adapter) if version is None else None

@@ -12,21 +12,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flexllm.worker.engine.lora import validate_adapter_name
+from flexllm.worker.names import validate_name
 
-_VERSION_DIR = re.compile(r"^v([0-9]+)$")
-_VERSIONED = re.compile(r"^(?P<adapter>.+)@v(?P<version>[0-9]+)$")
+_VERSION_DIR = re.compile(r"v([0-9]+)")
 
 
 def version_name(adapter: str, version: int) -> str:
     """The name a version is served under: ``<adapter>@v<N>``."""
     return f"{adapter}@v{version}"
-
-
-def split_version_name(name: str) -> tuple[str, int | None]:
-    """``"a@v3"`` -> ``("a", 3)``; ``"a"`` -> ``("a", None)``."""
-    match = _VERSIONED.match(name)
-    return (match["adapter"], int(match["version"])) if match else (name, None)
 
 
 def _now() -> str:
@@ -68,9 +61,7 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, adapter: str, version: int) -> Path:
-        validate_adapter_name(adapter)
-        if "@" in adapter:
-            raise ValueError(f"adapter name {adapter!r} must not carry a version")
+        validate_name(adapter, "adapter")  # no version, no path separator, no '..'
         return self.root / adapter / f"v{int(version)}"
 
     def versions(self, adapter: str) -> list[int]:
@@ -81,7 +72,7 @@ class AdapterStore:
         base = self.folder(adapter, 0).parent
         if not base.is_dir():
             return []
-        found = (_VERSION_DIR.match(p.name) for p in base.iterdir()
+        found = (_VERSION_DIR.fullmatch(p.name) for p in base.iterdir()
                  if not published_only or (p / "adapter_config.json").exists())
         return sorted(int(m[1]) for m in found if m)
 

@@ -23,6 +23,7 @@ from flexllm.worker.api.limits import BodySizeLimit, require_api_key
 from flexllm.worker.api.prompts import chat_prompt_ids, check_prompt, completion_prompt_ids, sampling_params
 from flexllm.worker.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from flexllm.worker.metrics import Metrics, RedisStateCollector
+from flexllm.worker.names import InvalidNameError
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, connect_async
 from flexllm.worker.queue.messages import InferenceRequest
 from flexllm.worker.queue.requests import RequestProducer
@@ -88,6 +89,8 @@ class ApiState:
             return resolve_model(model, self.config.model_name, await self.adapter_versions())
         except UnknownModelError as error:
             raise APIError(404, str(error), param="model", code="model_not_found") from error
+        except InvalidNameError as error:
+            raise APIError(400, str(error), param="model", code="invalid_model") from error
 
 
 def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:

@@ -34,24 +34,29 @@ class CoServingJobs:
         self.draining = False  # a job is handed back once it finishes its current step
         self._next_check = 0.0
 
-    def accept(self, job: JobSubmission, spec: FinetuneJobSpec, entry_id: str) -> None:
+    def accept(self, job: JobSubmission, spec: FinetuneJobSpec, entry_id: str) -> bool:
         engine = self.coserve.engine
         try:
             # Only a job taken over from a dead replica resumes: a new job of a reused name starts afresh.
             runner = FinetuneRunner(engine.model, engine.tokenizer, spec, self.publisher.store.root, job.name,
                                     base_model=str(engine.model_path), data_root=self.data_root,
                                     resume=job.reclaimed, publish=self._publisher(job.name, spec))
-        except (ValueError, OSError) as error:  # bad dataset, bad adapter name: the job fails, not the worker
-            self._end(job.name, entry_id, "Failed", str(error))
-            return
+        except Exception as error:  # a bad dataset or checkpoint: the job fails, not the worker
+            log.exception("job %s failed to start", job.name)
+            self.queue.set_progress(job.name, phase="Failed", message=str(error))
+            return False
         self.coserve.add_job(job.name, runner)
         self.entries[job.name] = entry_id
         self._report(job.name, runner, "Running", "resumed" if runner.step else "started")
+        return True
 
     def _publisher(self, adapter: str, spec: FinetuneJobSpec):
         def publish(write, step: int, loss: float) -> int:
             return self.publisher.publish(adapter, write, step, loss, spec.publish.keep_versions).version
         return publish
+
+    def held_entries(self) -> list[str]:
+        return list(self.entries.values())
 
     def has_work(self) -> bool:
         return bool(self.coserve.active_jobs())

@@ -19,7 +19,7 @@ from flexllm.worker.engine.lora import LoRAManager
 from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.engine.model_runner import ModelRunner
 from flexllm.worker.engine.outputs import RequestOutput
-from flexllm.worker.engine.sampling import SamplingParams, sample
+from flexllm.worker.engine.sampling import SamplingError, SamplingParams, sample
 from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
 from flexllm.worker.engine.sequence import Sequence
 
@@ -112,13 +112,15 @@ class LLMEngine:
 
     def execute(self, batch: ScheduledBatch, riders: Seq[Rider] = ()) -> list[RequestOutput]:
         """Run one scheduled batch (from ``scheduler.schedule``), fine-tuning ``riders`` fused into its
-        forward, and sample (an empty batch: the riders run alone)."""
+        forward, and sample (an empty batch: the riders run alone). Requests that could not be
+        scheduled (``batch.failed``) come back as failed outputs."""
+        failed = [self._fail(seq, error) for seq, error in batch.failed]
         if not batch.seqs:
             for rider in riders:
                 run_rider(rider)
-            return []
+            return failed
         logits = self.runner.execute(batch, riders)
-        return self.process_outputs(batch, logits)
+        return failed + self.process_outputs(batch, logits)
 
     def process_outputs(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
         """Advance ``num_computed_tokens``, sample the sequences due a token, check stop rules."""
@@ -131,14 +133,38 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for seq, token in zip(due, sampled, strict=True):
-            seq.token_ids.append(token.token_id)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(token)
-            self._check_stop(seq, token.token_id)
-            outputs.append(self._output(seq))
+            try:
+                if isinstance(token, SamplingError):
+                    raise token
+                seq.token_ids.append(token.token_id)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(token)
+                self._check_stop(seq, token.token_id)
+                outputs.append(self._output(seq))
+            except Exception as error:  # sampling, detokenization, a stop check: this request fails alone
+                outputs.append(self._fail(seq, error))
         return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish ``seq`` with reason ``"error"``; its output carries the error and no new tokens."""
+        log.warning("request %s failed: %s: %s", seq.request_id, type(error).__name__, error)
+        if seq.block_table:  # its K/V may hold NaN/inf: attention weighs a reused block's stale slots by 0,
+            # and 0 * NaN is NaN, so they would reach whoever gets the blocks next
+            self.runner.kv_cache[:, :, seq.block_table] = 0  # [L, 2, its blocks, block_size, H_kv, D]
+        self.scheduler.finish(seq, "error")
+        self.requests.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, text=seq.output_text, token_ids=list(seq.output_token_ids), delta_text="",
+            delta_token_ids=[], finished=True, finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
+            arrival_time=seq.arrival_time, first_token_time=seq.first_token_time,
+            error=f"{type(error).__name__}: {error}")
+
+    def fail_all(self, error: Exception) -> None:
+        """Finish every unfinished request with ``error`` (after an iteration failed as a whole)."""
+        for seq in list(self.requests.values()):
+            self._fail(seq, error)
 
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
         p = seq.params

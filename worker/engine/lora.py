@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear
+from flexllm.worker.names import split_version
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}(@v[0-9]+)?$")
 _PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -55,12 +55,6 @@ class AdapterConfig:
                    bool(raw.get("use_rslora", False)))
 
 
-def validate_adapter_name(name: str) -> str:
-    if not ADAPTER_NAME.match(name):
-        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (optional @vN)")
-    return name
-
-
 def _target_layers(model: CausalLM) -> dict[str, list[LoRALinear]]:
     """Target module name -> the LoRALinear of each layer that holds it."""
     targets: dict[str, list[LoRALinear]] = {name: [] for name in LORA_TARGETS}
@@ -90,7 +84,7 @@ class LoRAManager:
 
     def register(self, name: str, folder: str | Path) -> AdapterConfig:
         """Make ``name`` servable from a PEFT folder; checks its config now, loads on first use."""
-        validate_adapter_name(name)
+        split_version(name)  # the naming rule, with an optional @vN
         folder = Path(folder)
         config = AdapterConfig.read(folder)
         if config.rank > self.max_lora_rank:

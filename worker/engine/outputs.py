@@ -17,8 +17,9 @@ class RequestOutput:
     delta_text: str
     delta_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int
     logprobs: list[SampledToken] = field(default_factory=list)
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")

@@ -23,6 +23,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # could not start (their adapter)
 
     @property
     def num_tokens(self) -> int:
@@ -70,7 +71,12 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, num_new):
                 break
             if seq.lora_name is not None:
-                slot = self.lora_manager.acquire(seq.lora_name)
+                try:
+                    slot = self.lora_manager.acquire(seq.lora_name)
+                except Exception as error:  # its adapter cannot be loaded: this request fails alone
+                    self.waiting.popleft()
+                    batch.failed.append((seq, error))
+                    continue
                 if slot is None:
                     break  # every adapter slot is in use by running requests
                 seq.lora_slot = slot

@@ -68,9 +68,19 @@ HANDED_BACK_IDLE_MS = 10**9  # longer than any engine's reclaim idle time
 
 
 def hand_back(client: redis.Redis, stream: str, consumer: str, entry_ids: list[str]) -> None:
-    """Leave our pending entries to the other engines: marked idle for long, the next XAUTOCLAIM takes them."""
-    if entry_ids:
-        client.xclaim(stream, protocol.ENGINE_GROUP, consumer, 0, entry_ids, idle=HANDED_BACK_IDLE_MS, justid=True)
+    """Leave our pending entries to the other engines: marked idle for long, the next XAUTOCLAIM takes them.
+
+    Each entry's delivery counter is lowered by one (the next XAUTOCLAIM raises it again): a hand-back
+    is no failed delivery, so drained work never comes nearer the dead-letter stream (``protocol``)."""
+    for entry_id in entry_ids:
+        client.xclaim(stream, protocol.ENGINE_GROUP, consumer, 0, [entry_id], idle=HANDED_BACK_IDLE_MS,
+                      retrycount=max(deliveries(client, stream, entry_id) - 1, 0), justid=True)
+
+
+def deliveries(client: redis.Redis, stream: str, entry_id: str) -> int:
+    """How many times the engines' group delivered ``entry_id`` (0 once it is acknowledged)."""
+    pending = client.xpending_range(stream, protocol.ENGINE_GROUP, min=entry_id, max=entry_id, count=1)
+    return int(pending[0]["times_delivered"]) if pending else 0
 
 
 def connect_async(url: str) -> aredis.Redis:

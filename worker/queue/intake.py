@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from flexllm.worker import protocol
 from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,12 @@ log = logging.getLogger(__name__)
 class JobHandler(Protocol):
     """Owns the serving iteration and the jobs trained in it (``flexllm.worker.coserve.jobs``)."""
 
-    def accept(self, job: JobSubmission, spec: Any, entry_id: str) -> None:
-        """Take a validated job; its stream entry ``entry_id`` is acknowledged when the job ends."""
+    def accept(self, job: JobSubmission, spec: Any, entry_id: str) -> bool:
+        """Take a validated job; its stream entry ``entry_id`` is acknowledged when the job ends. False if
+        the job failed to start (its progress says why): the caller acknowledges the entry."""
+
+    def held_entries(self) -> list[str]:
+        """The stream entries of the jobs it trains (not yet ended)."""
 
     def has_work(self) -> bool:
         """True while a job wants engine iterations (the loop then never blocks waiting for requests)."""
@@ -46,13 +51,19 @@ class JobIntake:
 
     def poll(self) -> int:
         """Process the new job entries; returns how many."""
-        claimed = self.queue.claim(self.consumer, reclaim_idle_ms=self.reclaim_idle_ms)
+        claimed = self.queue.claim(self.consumer, reclaim_idle_ms=self.reclaim_idle_ms,
+                                   held=self.handler.held_entries())
         for entry_id, job in claimed:
-            if job is None:
-                log.error("dropping unreadable job entry %s", entry_id)
-            elif self._take(job, entry_id):
-                continue
-            self.queue.ack(entry_id)
+            try:
+                taken = self._take(job, entry_id)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as error:  # this job fails, the loop goes on
+                log.exception("job %s failed at intake", job.name)
+                self.queue.set_progress(job.name, phase="Failed", message=f"{type(error).__name__}: {error}")
+                taken = False
+            if not taken:
+                self.queue.ack(entry_id)
         return len(claimed)
 
     def _take(self, job: JobSubmission, entry_id: str) -> bool:
@@ -68,6 +79,4 @@ class JobIntake:
             self.queue.set_progress(job.name, phase="Failed", message=f"invalid spec: {error}")
             log.error("job %s rejected: %s", job.name, error)
             return False
-        self.handler.accept(job, spec, entry_id)
-        log.info("job %s accepted", job.name)
-        return True
+        return self.handler.accept(job, spec, entry_id)

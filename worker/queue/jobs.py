@@ -10,7 +10,9 @@ from typing import Any
 import redis
 
 from flexllm.worker import protocol
-from flexllm.worker.queue.connection import ensure_group, hand_back
+from flexllm.worker.names import validate_name
+from flexllm.worker.queue.connection import deliveries, ensure_group, hand_back
+from flexllm.worker.queue.deadletter import dead_letter, poison_error
 
 
 @dataclass
@@ -24,8 +26,9 @@ class JobSubmission:
 
     @classmethod
     def from_json(cls, data: str) -> JobSubmission:
+        """Raises ``ValueError`` (``InvalidNameError`` for a name that breaks the rule), ``KeyError``, ``TypeError``."""
         raw = json.loads(data)
-        return cls(str(raw["name"]), str(raw.get("namespace", "default")), dict(raw["spec"]))
+        return cls(validate_name(raw["name"], "job"), str(raw.get("namespace", "default")), dict(raw["spec"]))
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "namespace": self.namespace, "spec": self.spec})
@@ -34,8 +37,8 @@ class JobSubmission:
 class JobQueue:
     """One service's job stream, progress and cancel flags (the worker and CLI side of the protocol)."""
 
-    def __init__(self, client: redis.Redis, service: str):
-        self.client, self.service = client, service
+    def __init__(self, client: redis.Redis, service: str, max_deliveries: int = protocol.MAX_DELIVERIES):
+        self.client, self.service, self.max_deliveries = client, service, max_deliveries
         self.stream = protocol.job_stream(service)
 
     def submit(self, job: JobSubmission) -> bool:
@@ -51,22 +54,37 @@ class JobQueue:
     def ensure_group(self) -> None:
         ensure_group(self.client, self.stream)
 
-    def claim(self, consumer: str, count: int = 8, reclaim_idle_ms: int = 60_000
-              ) -> list[tuple[str, JobSubmission | None]]:
-        """Jobs of dead replicas (pending and idle for ``reclaim_idle_ms``), then new entries; an unreadable
-        entry comes back as ``None``."""
-        _, stale, _ = self.client.xautoclaim(self.stream, protocol.ENGINE_GROUP, consumer, reclaim_idle_ms,
-                                             "0-0", count=count)
-        reply = self.client.xreadgroup(protocol.ENGINE_GROUP, consumer, {self.stream: ">"}, count=count)
-        claimed: list[tuple[str, JobSubmission | None]] = []
+    def claim(self, consumer: str, count: int = 8, reclaim_idle_ms: int = 60_000, held: list[str] | None = None
+              ) -> list[tuple[str, JobSubmission]]:
+        """Jobs of dead replicas (pending and idle for ``reclaim_idle_ms``), then new entries. An unreadable
+        entry, one whose name breaks the naming rule, and a poison one are dead-lettered here instead.
+        ``held``: the entries of the jobs ``consumer`` trains, refreshed first so it never takes its own."""
+        try:
+            self.heartbeat(consumer, held or [])
+            _, stale, _ = self.client.xautoclaim(self.stream, protocol.ENGINE_GROUP, consumer, reclaim_idle_ms,
+                                                 "0-0", count=count)
+            reply = self.client.xreadgroup(protocol.ENGINE_GROUP, consumer, {self.stream: ">"}, count=count)
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            self.ensure_group()  # Redis came back empty (no persistence): start over
+            return []
+        claimed: list[tuple[str, JobSubmission]] = []
         fresh = [e for _, entries in reply or [] for e in entries]
         for (entry_id, fields), reclaimed in [*((e, True) for e in stale), *((e, False) for e in fresh)]:
+            delivered = deliveries(self.client, self.stream, entry_id) if reclaimed else 1
             try:
                 job = JobSubmission.from_json(fields["data"])
-            except (KeyError, TypeError, ValueError):
-                job = None
-            else:
-                job.reclaimed = reclaimed
+            except (KeyError, TypeError, ValueError) as error:  # no progress hash: its key is not safe
+                dead_letter(self.client, self.service, self.stream, entry_id, fields.get("data"),
+                            f"invalid job entry: {error}", delivered)
+                continue
+            if delivered > self.max_deliveries:
+                error = poison_error("job", delivered)
+                self.set_progress(job.name, phase="Failed", message=error)
+                dead_letter(self.client, self.service, self.stream, entry_id, fields["data"], error, delivered)
+                continue
+            job.reclaimed = reclaimed
             claimed.append((entry_id, job))
         return claimed
 

@@ -1,0 +1,42 @@
+"""Poison messages: an entry delivered more than ``max_deliveries`` times goes to the dead-letter stream.
+
+Every delivery of a stream entry to a consumer (XREADGROUP, then each XAUTOCLAIM after its consumer
+stopped answering) raises the group's delivery counter of the entry; heartbeats (XCLAIM JUSTID) do
+not. An entry whose consumers keep dying while they process it would otherwise stop every replica
+that takes it over, one after the other (layout: ``protocol.dead_letter_stream``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from flexllm.worker import protocol
+
+log = logging.getLogger(__name__)
+
+
+def dead_letter(client: redis.Redis, service: str, stream: str, entry_id: str, data: str | None, error: str,
+                delivered: int) -> None:
+    """Move an entry to the dead-letter stream with ``error``: added there, then acknowledged and deleted."""
+    record = {"stream": stream, "entry": entry_id, "data": data if data is not None else "", "error": error,
+              "deliveries": delivered, "time": int(time.time())}
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(protocol.dead_letter_stream(service), record, maxlen=protocol.DEAD_LETTER_MAXLEN, approximate=True)
+    pipe.xack(stream, protocol.ENGINE_GROUP, entry_id)
+    pipe.xdel(stream, entry_id)
+    pipe.execute()
+    log.error("dead-lettered %s entry %s after %d deliveries: %s", stream, entry_id, delivered, error)
+
+
+def dead_letters(client: redis.Redis, service: str) -> list[dict[str, str]]:
+    """The dead-letter records of a service, oldest first (for operators and tests)."""
+    return [fields for _, fields in client.xrange(protocol.dead_letter_stream(service))]
+
+
+def poison_error(what: str, delivered: int) -> str:
+    return (f"the {what} was delivered {delivered} times and its engine stopped each time while processing "
+            "it; it was moved to the dead-letter stream")
+
