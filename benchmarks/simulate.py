@@ -83,6 +83,7 @@ class SimEngine:
         self.scheduler = Scheduler(self.block_manager, None, self.config.max_tokens_per_batch,
                                    self.config.max_num_seqs)
         self.max_model_len = self.config.num_kv_blocks * self.config.block_size
+        self.vocab_size = 1 << 17  # token ids are never looked at
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, lora: str | None = None,
                     arrival_time: float | None = None) -> None:

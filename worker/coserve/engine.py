@@ -140,7 +140,7 @@ class CoServingEngine:
         1x / 2x an inference token forward / backward plus one forward's fixed cost per work unit, and
         refitted once fine-tuning runs)."""
         params = SamplingParams(max_tokens=1)
-        vocab = self.engine.model.args.vocab_size
+        vocab = self.engine.vocab_size
         for n in _profile_lengths(self.engine) * 2:
             began = self.clock()
             self.engine.generate([[(100 + i) % vocab for i in range(n)]], params)

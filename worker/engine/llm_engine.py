@@ -56,6 +56,10 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)
         self.requests: dict[str, Sequence] = {}
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, source: str | Path) -> None:
         """Serve the PEFT adapter at ``source`` (a folder, ``file://``, ``pvc://`` or ``hf://`` URI) as ``name``."""
