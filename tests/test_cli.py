@@ -180,3 +180,10 @@ def test_serve_on_a_port_in_use_fails_before_starting_anything(capsys, tmp_path)
         code, _, err = run(capsys, "serve", "--host", "127.0.0.1", "--port", str(port))
     assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in one_line_error(err)
     assert not (tmp_path / "cache" / "embedded-redis").exists()  # no embedded Redis was started
+
+
+def test_jobs_cancel_and_delete_refuse_invalid_names(capsys, redis_url):
+    for action in ("cancel", "delete"):
+        for name in ("x:cancel", "a/b", "..", "bad\n", "x" * 300):
+            code, _, err = run(capsys, "jobs", "--redis-url", redis_url, action, name)
+            assert code == 1 and "job" in one_line_error(err) and "no job" not in err

@@ -574,9 +574,14 @@ def _find_job(client, name: str, service: str | None) -> str:
 def _cancel_or_delete(client, args: argparse.Namespace) -> int:
     import time
 
+    from flexllm.worker.names import InvalidNameError, validate_name
     from flexllm.worker.protocol import TERMINAL_PHASES
     from flexllm.worker.queue.jobs import JobQueue
 
+    try:
+        validate_name(args.name, "job")
+    except InvalidNameError as error:
+        raise CommandError(str(error)) from None
     service = _find_job(client, args.name, args.service)
     queue = JobQueue(client, service)
     phase = queue.progress(args.name).get("phase")
