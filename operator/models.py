@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from flexllm.worker.finetune.spec import FinetuneJobSpec as WorkerJobSpec
+from flexllm.worker.names import MAX_NAME_LEN, NAME
 
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # an InferenceService's name is its Service's: DNS-1035
 URI_MAX = 4096
@@ -52,7 +53,7 @@ class EngineLimits(SpecModel):
 
 
 class PinnedAdapter(SpecModel):
-    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    name: str = Field(max_length=MAX_NAME_LEN, pattern=f"^{NAME.pattern}$")  # worker/names.py's rule
     uri: str = Field(min_length=1, max_length=URI_MAX)
 
 
