@@ -51,11 +51,6 @@ def check_prompt(prompt_ids: list[int], max_prompt_tokens: int, max_model_len: i
 def sampling_params(request: GenerationRequest, max_tokens: int | None, logprobs: int | None,
                     prompt_len: int, max_model_len: int) -> SamplingParams:
     """Validated ``SamplingParams``; ``max_tokens`` defaults to the rest of the context (as vLLM)."""
-    if request.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported", param=name)
     room = max_model_len - prompt_len
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model "

@@ -36,15 +36,15 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, allow_inf_nan=False, ge=0.0, le=2.0)
     top_p: float | None = Field(None, allow_inf_nan=False, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # -1 or 0: all tokens
-    n: int = Field(1, ge=1, le=128)  # only 1 is served; more gets a 400 that says so
+    n: int = Field(1, ge=1, le=1, description="only 1 is served")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = False
-    presence_penalty: float | None = Field(None, allow_inf_nan=False, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, allow_inf_nan=False, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="not supported: 0 only")
+    frequency_penalty: float | None = Field(None, ge=0.0, le=0.0, description="not supported: 0 only")
     user: str | None = None
 
     @model_validator(mode="before")

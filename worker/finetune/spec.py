@@ -6,7 +6,6 @@ tests/operator/test_operator_spec_sync.py compares both ways, so neither can dri
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,18 +21,6 @@ class _Spec(BaseModel):
 class DatasetSpec(_Spec):
     source: str = Field(min_length=1, max_length=4096, pattern=r"^(file://)?[^:]+$")  # file:///abs, rel or /abs
     format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
-
-    def resolve(self, root: Path | None = None) -> Path:
-        """The dataset's local path; with ``root``, relative paths live under it and may not leave it."""
-        raw = self.source.removeprefix("file://")
-        path = Path(raw)
-        if root is None:
-            return path
-        root = root.resolve()
-        path = (path if path.is_absolute() else root / path).resolve()
-        if not path.is_relative_to(root):
-            raise ValueError(f"dataset source {self.source!r} is outside the allowed root {str(root)!r}")
-        return path
 
 
 class LoraSpec(_Spec):

@@ -11,6 +11,7 @@ The stream holds the requests queued or in progress, so its length is the queue 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ import redis
 import redis.asyncio as aredis
 
 from flexllm.worker import protocol
-from flexllm.worker.queue.connection import deliveries, ensure_group, hand_back
+from flexllm.worker.queue.connection import TRANSIENT_ERRORS, deliveries, ensure_group, hand_back
 from flexllm.worker.queue.deadletter import dead_letter, poison_error
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
@@ -89,11 +90,12 @@ class OutputReader:
             self._reading, self._woken = True, False
             try:
                 reply = await self.reader.xread(streams, block=BLOCK_MS, count=256)
-            except Exception as error:  # each waiting request fails with it; the reader goes on
+            except Exception as error:
                 self._reading = False
                 log.error("reading output streams failed: %s", error)
-                for waiter in self._waiters.values():
-                    waiter.inbox.put_nowait(error)
+                if not isinstance(error, TRANSIENT_ERRORS):  # Redis away: wait (each request has a timeout)
+                    for waiter in self._waiters.values():  # anything else fails the waiting requests
+                        waiter.inbox.put_nowait(error)
                 await asyncio.sleep(READ_RETRY_S)
                 continue
             self._reading = False
@@ -141,7 +143,8 @@ class RequestProducer:
                     return
         finally:
             self.reader.unwatch(request_id)
-            await self.client.delete(protocol.output_stream(self.service, request_id))
+            with contextlib.suppress(*TRANSIENT_ERRORS):  # it expires anyway (OUTPUT_TTL_S)
+                await self.client.delete(protocol.output_stream(self.service, request_id))
 
     async def cancel(self, request_id: str) -> None:
         await self.client.set(protocol.request_cancel_flag(self.service, request_id), "1",
