@@ -78,3 +78,23 @@ def test_dataset_inside_the_root_trains(rooted_server, redis_client, folders):
         progress = run_job(rooted_server, redis_client, name, source)
         assert progress["phase"] == "Succeeded", progress
         assert progress["step"] == "2"
+
+
+def test_data_roots_default_to_the_working_directory_where_relative_sources_resolve(tmp_path, monkeypatch):
+    from flexllm.worker.cli import _data_dirs
+    from flexllm.worker.finetune.data import DatasetError, dataset_path
+
+    monkeypatch.delenv("FLEXLLM_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert _data_dirs(None) == [str(tmp_path)] and _data_dirs(["/a", "b"]) == ["/a", "b"]
+    (tmp_path / "examples").mkdir()
+    assert dataset_path("file://examples/t.jsonl", [tmp_path]) == tmp_path / "examples" / "t.jsonl"
+    monkeypatch.setenv("FLEXLLM_DATA_DIR", f"/srv/data:{tmp_path}")
+    assert _data_dirs(None) == ["/srv/data", str(tmp_path)]
+    monkeypatch.setenv("FLEXLLM_DATA_DIR", "")  # set and empty (the operator with no root): no dataset at all
+    assert _data_dirs(None) == []
+    with pytest.raises(DatasetError, match="none configured"):
+        dataset_path("file://examples/t.jsonl", [])
+    monkeypatch.delenv("FLEXLLM_DATA_DIR")
+    monkeypatch.chdir("/")
+    assert _data_dirs(None) == []  # never the whole file system by default
