@@ -29,7 +29,6 @@ from flexllm.worker.finetune.data import (
     DataPosition,
     SequenceStream,
     TrainingSequence,
-    dataset_path,
     micro_batches_per_epoch,
 )
 from flexllm.worker.finetune.lora_params import LoRAWeights
@@ -74,7 +73,7 @@ class FinetuneRunner:
         self.store, self.adapter = AdapterStore(adapter_root), adapter
         self.store.folder(adapter, 0)  # validates the name: no path traversal, no @version
         training = job.training
-        path = dataset_path(job.dataset.source, data_roots)
+        path = job.dataset.resolve(data_roots)
         self.stream = SequenceStream(path, job.dataset.format, tokenizer, training.max_seq_len)
         if training.max_steps is not None:
             self.total_steps = training.max_steps

@@ -6,12 +6,15 @@ tests/operator/test_operator_spec_sync.py compares both ways, so neither can dri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from flexllm.worker.engine.lora_targets import LORA_TARGETS
+from flexllm.worker.finetune.data import dataset_path
 
 
 class _Spec(BaseModel):
@@ -21,6 +24,10 @@ class _Spec(BaseModel):
 class DatasetSpec(_Spec):
     source: str = Field(min_length=1, max_length=4096, pattern=r"^(file://)?[^:]+$")  # file:///abs, rel or /abs
     format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
+
+    def resolve(self, roots: Sequence[Path] | None = None) -> Path:
+        """The dataset's file; with ``roots`` (a worker's data roots) only under them (``dataset_path``)."""
+        return dataset_path(self.source, roots)
 
 
 class LoraSpec(_Spec):
