@@ -127,7 +127,8 @@ class RequestProducer:
         return await self._admit(keys=[self.stream], args=[max_queued, request.to_json()]) is not None
 
     async def outputs(self, request_id: str, timeout_s: float) -> AsyncIterator[OutputChunk]:
-        """The request's chunks in order, up to the finished one; deletes the output stream after."""
+        """The request's chunks in order, up to the finished one; deletes the output stream after. While
+        Redis is unreachable the reader keeps trying (the engines resume once it is back) up to ``timeout_s``."""
         inbox = await self.reader.watch(request_id)
         try:
             while True:
