@@ -53,7 +53,7 @@ def run_case(case: str) -> int:
     with tempfile.TemporaryDirectory() as adapters:
         if case == "separate":
             model, tokenizer, _, _ = build_model("smollm2-135m", torch.float32, torch.device("cpu"))
-            runner = FinetuneRunner(model, tokenizer, spec, Path(adapters), "mem", resume=False, data_root=DATA)
+            runner = FinetuneRunner(model, tokenizer, spec, Path(adapters), "mem", resume=False, data_roots=[DATA])
             while not runner.done:
                 runner.run_work(256)
             return peak_rss_bytes()
@@ -61,7 +61,7 @@ def run_case(case: str) -> int:
         co = CoServingEngine(engine, SLO(10.0, 1.0))
         if case == "coserved":
             co.add_job("mem", FinetuneRunner(engine.model, engine.tokenizer, spec, Path(adapters), "mem",
-                                             resume=False, data_root=DATA))
+                                             resume=False, data_roots=[DATA]))
         for i in range(8):
             engine.add_request(f"r{i}", [100 + i] * 64, SamplingParams(max_tokens=32, ignore_eos=True))
         while co.has_work():

@@ -15,6 +15,7 @@ PRESTOP_S = 5  # the preStop sleep: endpoints drop the pod before SIGTERM stops 
 # preStop, drain, the API's 5 s to close its connections, and a margin before SIGKILL
 GRACE_S = PRESTOP_S + DRAIN_S + 5 + 10
 PINNED_DIR = "/pinned"  # pinned adapters' PVCs: pvc://<claim>/<path> at /pinned/<claim>/<path>
+DATASET_DIR = "/data"  # the datasets' PVC: a FinetuneJob names file:///data/<path>
 GROUP = "flexllm.ai"
 SERVICE_LABEL = f"{GROUP}/inference-service"
 Manifest = dict[str, Any]
@@ -103,6 +104,9 @@ def worker_env(config: OperatorConfig) -> list[Manifest]:
         {"name": "FLEXLLM_REDIS_URL", "value": config.redis_url},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HOME", "value": "/tmp"},
+        # The worker's data roots: FinetuneJob datasets are read from nowhere else (set and empty: from nowhere).
+        {"name": "FLEXLLM_DATA_DIR",
+         "value": ":".join([*config.data_dirs, *([DATASET_DIR] if config.dataset_pvc else [])])},
     ]
     if config.redis_secret:
         ref = {"name": config.redis_secret, "key": config.redis_secret_key}
@@ -129,7 +133,8 @@ def http_probe(path: str, period_s: int, failures: int) -> Manifest:
 
 
 def worker_volumes(spec: InferenceServiceSpec, config: OperatorConfig) -> tuple[list[Manifest], list[Manifest]]:
-    """(volumes, mounts): adapter store, model PVC, pinned adapters' PVCs, scratch /tmp, a RAM /dev/shm."""
+    """(volumes, mounts): adapter store, datasets' PVC, model PVC, pinned adapters' PVCs, scratch /tmp, a RAM
+    /dev/shm."""
     adapters: Manifest = (
         {"name": "adapters", "persistentVolumeClaim": {"claimName": config.adapter_pvc}}
         if config.adapter_pvc else {"name": "adapters", "emptyDir": {}}
@@ -140,6 +145,10 @@ def worker_volumes(spec: InferenceServiceSpec, config: OperatorConfig) -> tuple[
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "shm", "mountPath": "/dev/shm"},
     ]
+    if config.dataset_pvc:
+        volumes.append({"name": "datasets", "persistentVolumeClaim": {"claimName": config.dataset_pvc,
+                                                                       "readOnly": True}})
+        mounts.append({"name": "datasets", "mountPath": DATASET_DIR, "readOnly": True})
     _, model_volume = model_location(spec.model.uri)
     if model_volume is not None:
         volumes.append(model_volume)

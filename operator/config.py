@@ -19,6 +19,8 @@ class OperatorConfig:
     worker_image: str = "ghcr.io/flexllm/flexllm-worker:0.1.0"
     worker_service_account: str = ""
     adapter_pvc: str = ""  # shared adapter store; empty: an emptyDir per pod (one-replica dev setups)
+    dataset_pvc: str = ""  # FinetuneJob datasets, mounted read-only at /data in worker pods; empty: none
+    data_dirs: tuple[str, ...] = ("examples",)  # data roots in the worker image (relative: to its workdir)
     sync_interval_s: float = 5.0  # how often Redis is polled for job progress and replica states
     status_interval_s: float = 5.0  # a FinetuneJob's progress in its status changes at most this often
     retry_delay_s: float = 10.0
@@ -41,6 +43,9 @@ class OperatorConfig:
             worker_image=env.get("FLEXLLM_WORKER_IMAGE", default.worker_image),
             worker_service_account=env.get("FLEXLLM_WORKER_SERVICE_ACCOUNT", default.worker_service_account),
             adapter_pvc=env.get("FLEXLLM_ADAPTER_PVC", default.adapter_pvc),
+            dataset_pvc=env.get("FLEXLLM_DATASET_PVC", default.dataset_pvc),
+            data_dirs=tuple(d for d in env["FLEXLLM_DATA_DIRS"].split(",") if d) if "FLEXLLM_DATA_DIRS" in env
+            else default.data_dirs,
             sync_interval_s=float(env.get("FLEXLLM_SYNC_INTERVAL_S", default.sync_interval_s)),
             status_interval_s=float(env.get("FLEXLLM_STATUS_INTERVAL_S", default.status_interval_s)),
             retry_delay_s=float(env.get("FLEXLLM_RETRY_DELAY_S", default.retry_delay_s)),

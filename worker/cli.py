@@ -100,8 +100,9 @@ def _coserve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", default="coserve", choices=["coserve", "temporal", "inference-only", "finetune-only"],
                    help="how inference and fine-tuning share an iteration")
     g.add_argument("--max-finetune-tokens", type=int, default=256, help="fine-tuning tokens per iteration, at most")
-    g.add_argument("--data-dir", default=os.environ.get("FLEXLLM_DATA_DIR"),
-                   help="FinetuneJob datasets must live under this folder (env FLEXLLM_DATA_DIR; default: anywhere)")
+    g.add_argument("--data-dir", action="append", default=None,
+                   help="FinetuneJob datasets are read only from under this folder; repeatable (env "
+                        f"FLEXLLM_DATA_DIR, {os.pathsep!r}-separated; default: the working directory)")
     g.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
                    help="a PEFT adapter (file://, pvc:// or hf:// URI, or path) served from the start; repeatable")
 
@@ -235,9 +236,20 @@ def _worker_options(args: argparse.Namespace, url: str):
         pinned[name] = str(resolve_model(uri))
     return WorkerOptions(url, args.service, _replica(), _adapter_dir(args), args.reclaim_idle_ms,
                          slo=SLO(args.ttft_ms / 1000, args.tpot_ms / 1000), policy=args.policy,
-                         max_finetune_tokens=args.max_finetune_tokens, data_dir=args.data_dir, pinned_adapters=pinned,
+                         max_finetune_tokens=args.max_finetune_tokens, data_dirs=_data_dirs(args.data_dir),
+                         pinned_adapters=pinned,
                          drain_s=args.drain_seconds, max_deliveries=args.max_deliveries,
                          redis_outage_s=args.redis_outage_s)
+
+
+def _data_dirs(flags: list[str] | None) -> list[str]:
+    """``--data-dir``, else ``$FLEXLLM_DATA_DIR`` (set and empty: none), else the working directory unless it
+    is ``/``."""
+    if flags:
+        return flags
+    if "FLEXLLM_DATA_DIR" in os.environ:
+        return [d for d in os.environ["FLEXLLM_DATA_DIR"].split(os.pathsep) if d]
+    return [str(Path.cwd())] if Path.cwd() != Path("/") else []
 
 
 def _replica() -> str:

@@ -210,7 +210,9 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
     with EmbeddedRedis() as url:
         metrics = Metrics(slo)
         app = create_app(ApiConfig(redis_url=url, service=service, model_name="base"), metrics)
-        options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo)
+        dataset = Path(spec["dataset"]["source"].removeprefix("file://"))
+        options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo,
+                                data_dirs=[str(dataset.parent)])
         worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
                               on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
                               on_failure=app.state.api.engine_failed)

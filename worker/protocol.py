@@ -38,6 +38,8 @@ deleted, and its client is answered — a request with a final error chunk (``Ou
 in its output stream, a job with phase ``Failed`` and the error as ``message`` in its progress hash. An
 error an engine catches (bad parameters, non-finite logits, a failed adapter load, a broken dataset)
 fails only its request or job right away and never counts as a delivery.
+- ``api-wake:{process}``  stream (one entry, expires): an API process wakes its own blocking read of
+                          the output streams when a new request starts waiting
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ def replica_pattern(service: str) -> str:
 
 CANCEL_FLAG_TTL_S = 24 * 3600  # the operator keeps a deleted job's cancel flag this long
 OUTPUT_TTL_S = 600  # an output stream nobody reads any more expires after this long
+
+
+def api_wake_stream(service: str, process: str) -> str:
+    return f"{service_prefix(service)}:api-wake:{process}"
 
 
 def request_cancel_flag(service: str, request_id: str) -> str:

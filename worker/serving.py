@@ -288,7 +288,7 @@ class WorkerOptions:
     slo: SLO = field(default_factory=SLO)
     policy: str = "coserve"
     max_finetune_tokens: int = 256
-    data_dir: str | None = None  # where FinetuneJob datasets may live (None: anywhere)
+    data_dirs: list[str] = field(default_factory=list)  # FinetuneJob datasets only from under these (none: none)
     pinned_adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, served from start
     drain_s: float = 30.0  # on stop: how long to finish requests in flight and jobs' current steps
 
@@ -321,7 +321,7 @@ class EngineWorker:
         coserve.profile()
         queue = JobQueue(client, opts.service, opts.max_deliveries)
         handler = CoServingJobs(queue, coserve, AdapterPublisher(store, registry), consumer, self.metrics,
-                                Path(opts.data_dir) if opts.data_dir else None)
+                                [Path(d).resolve() for d in opts.data_dirs])
         jobs = JobIntake(queue, consumer, handler, self.parse_spec, opts.reclaim_idle_ms)
         requests = RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms, opts.max_deliveries)
         loop = ServingLoop(engine, requests, adapters, jobs, self.metrics, redis_outage_s=opts.redis_outage_s)

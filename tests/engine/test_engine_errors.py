@@ -82,9 +82,10 @@ def test_edge_parameters_sample_valid_tokens(engine):
     prompt = [10, 11, 12, 13]
     greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
     edge = [SamplingParams(max_tokens=6, temperature=1e-30), SamplingParams(max_tokens=6, temperature=1e-30, seed=1),
-            SamplingParams(max_tokens=6, temperature=0.7, top_p=1e-30, seed=2)]
-    outs = engine.generate([prompt] * 3, edge)
-    assert [o.token_ids for o in outs] == [greedy] * 3 and all(o.error is None for o in outs)
+            SamplingParams(max_tokens=6, temperature=0.7, top_p=1e-30, seed=2),
+            SamplingParams(max_tokens=6, temperature=0.7, top_p=5e-324, seed=3)]  # 0 in float32 (found by fuzzing)
+    outs = engine.generate([prompt] * 4, edge)
+    assert [o.token_ids for o in outs] == [greedy] * 4 and all(o.error is None for o in outs)
     wild = [SamplingParams(max_tokens=6, temperature=1e6, seed=2**64 - 1),
             SamplingParams(max_tokens=6, temperature=1e-5, top_k=10**9, seed=-(2**63))]
     outs = engine.generate([prompt] * 2, wild)

@@ -27,6 +27,8 @@ from flexllm.worker.net import free_port
 from ..conftest import stop_process_group
 from .conftest import die_with_parent, poll
 
+REPO = Path(__file__).resolve().parents[2]
+
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
 
@@ -96,6 +98,8 @@ def worker_pod(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str
     assert container["command"] == ["flexllm"]
     env = pod_env(container, pod_name, secrets)
     env["HOME"] = str(folder / "home")  # the pod's /tmp emptyDir
+    assert env["FLEXLLM_DATA_DIR"] == "examples"  # the image's bundled examples, under its working directory
+    env["FLEXLLM_DATA_DIR"] = str(REPO / "examples")
     args = [expand(arg, env) for arg in container["args"]]
     assert args[0] == "serve"
     port = free_port()

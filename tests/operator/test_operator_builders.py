@@ -46,6 +46,18 @@ def test_pvc_model_is_mounted_read_only():
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
 
 
+def test_data_roots_are_the_image_examples_and_the_datasets_pvc_read_only():
+    pod = builders.build_deployment("m", "ns", spec(), CONFIG)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["FLEXLLM_DATA_DIR"] == "examples" and not any(v["name"] == "datasets" for v in pod["volumes"])
+    with_pvc = OperatorConfig(**{**CONFIG.__dict__, "dataset_pvc": "team-data", "data_dirs": ()})
+    pod = builders.build_deployment("m", "ns", spec(), with_pvc)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["FLEXLLM_DATA_DIR"] == "/data"
+    assert {"name": "datasets", "persistentVolumeClaim": {"claimName": "team-data", "readOnly": True}} in pod["volumes"]
+    assert {"name": "datasets", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
+
+
 def test_file_model_and_pinned_adapters():
     args = builders.worker_args("m", "ns", spec(model={"uri": "file:///data/qwen"},
                                                 adapters=[{"name": "sql", "uri": "pvc://a/sql"}]))

@@ -78,6 +78,7 @@ def test_operator_gets_redis_auth_from_the_generated_secret():
     assert env["FLEXLLM_REDIS_SECRET"]["value"] == secret["metadata"]["name"]
     assert env["FLEXLLM_REDIS_URL"]["value"] == "redis://flex-flexllm-redis.flexllm.svc:6379/0"
     assert env["FLEXLLM_ADAPTER_PVC"]["value"] == by_kind(docs, "PersistentVolumeClaim")[0]["metadata"]["name"]
+    assert (env["FLEXLLM_DATASET_PVC"]["value"], env["FLEXLLM_DATA_DIRS"]["value"]) == ("", "examples")
 
 
 def test_external_redis_deploys_no_redis():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 import uuid
@@ -87,14 +88,17 @@ def wait_ready(base_url: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def start_server(model_dir: Path, redis_url: str, adapter_dir: Path, **api_overrides):
-    """(context manager, RunningServer-to-be) for an API + engine loop on a fresh service."""
+def start_server(model_dir: Path, redis_url: str, adapter_dir: Path, data_dirs: list[str] | None = None,
+                 **api_overrides):
+    """(context manager, RunningServer-to-be) for an API + engine loop on a fresh service; datasets are
+    read from under ``data_dirs`` (default: the system's temporary folder, where pytest's folders are)."""
     service = unique_service()
     metrics = Metrics()
     config = ApiConfig(redis_url=redis_url, service=service, model_name="tiny", **api_overrides)
     app = create_app(config, metrics)
     engine_config = EngineConfig(model=str(model_dir), max_model_len=256, num_kv_blocks=64, max_num_seqs=16)
-    options = WorkerOptions(redis_url, service, f"replica-{service}", str(adapter_dir), reclaim_idle_ms=1000)
+    options = WorkerOptions(redis_url, service, f"replica-{service}", str(adapter_dir), reclaim_idle_ms=1000,
+                            data_dirs=data_dirs if data_dirs is not None else [tempfile.gettempdir()])
     worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
                           on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len))
     return ServerThread(app, worker), app, service, worker

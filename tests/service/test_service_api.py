@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 
 import httpx
@@ -15,7 +16,7 @@ from flexllm.worker.adapters.publisher import AdapterPublisher
 from flexllm.worker.adapters.registry import AdapterRegistry
 from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.api.app import ApiConfig, create_app
-from flexllm.worker.protocol import replica_state
+from flexllm.worker.protocol import output_stream, replica_state, request_stream
 
 from .conftest import ServerThread, unique_service
 
@@ -155,3 +156,94 @@ def test_redis_down_gives_503(tiny_llama_dir):
         reply = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=30)
         assert reply.status_code == 503 and "unreachable" in reply.json()["error"]["message"]
         assert httpx.get(f"{base_url}/metrics").status_code == 200
+
+
+MALFORMED_BODIES = [
+    b"{not json", b"[]", b'"text"', b"null", b"\xff\xfe{}",
+    b'{"model": "tiny", "prompt": 5}', b'{"model": "tiny", "prompt": "hi", "max_tokens": "many"}',
+    b'{"model": "tiny", "prompt": "hi", "max_tokens": -3}', b'{"model": "tiny", "prompt": "hi", "max_tokens": 0}',
+    b'{"model": "tiny", "prompt": "hi", "max_tokens": 1e400}',
+    b'{"model": "tiny", "prompt": "hi", "temperature": 1e400}',
+    b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', b'{"model": "tiny", "prompt": "hi", "top_p": 0}',
+    b'{"model": "tiny", "prompt": "hi", "seed": 100000000000000000000000000000}',
+    b'{"model": "tiny", "prompt": "hi", "top_k": 100000000000000000000000000000}',
+    b'{"model": "tiny", "prompt": "hi", "n": 2}', b'{"model": "tiny", "prompt": "hi", "n": 1000000}',
+    b'{"model": "tiny", "prompt": "hi", "logprobs": 21}', b'{"model": "tiny", "prompt": "hi", "stop": [""]}',
+    b'{"model": "tiny", "prompt": "hi", "stop": ' + json.dumps(["x"] * 100).encode() + b"}",
+    b'{"model": "tiny", "prompt": "hi", "stream_options": 5}', b'{"model": "tiny", "prompt": [-1]}',
+    b'{"model": "tiny", "prompt": [1000000000]}', b'{"model": "tiny", "prompt": []}',
+    b'{"model": "tiny", "prompt": [[1, 2], [3]]}', b'{"model": "tiny", "prompt": "hi", "echo": true}',
+    b'{"model": "tiny", "prompt": "\\ud800"}', b'{"model": "tiny", "prompt": "hi", "stop": "\\udfff"}',
+    b'{"model": "tiny", "prompt": "hi", "user": {"a": [1, {"b": null}]}}',
+    b'{"model": ["tiny"], "prompt": "hi"}', b'{"model": "no-such-model", "prompt": "hi"}',
+]
+MALFORMED_CHATS = [
+    b'{"model": "tiny", "messages": []}', b'{"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": [[1]]}]}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": -1}',
+    b'{"model": "tiny", "messages": "hi"}', b'{"model": "tiny", "messages": [null]}',
+]
+
+
+def test_malformed_bodies_get_4xx_json_and_the_server_keeps_serving(server, client):
+    for path, bodies in (("/v1/completions", MALFORMED_BODIES), ("/v1/chat/completions", MALFORMED_CHATS)):
+        for body in bodies:
+            reply = httpx.post(f"{server.base_url}{path}", content=body, timeout=30,
+                               headers={"content-type": "application/json"})
+            assert 400 <= reply.status_code < 500, (body, reply.status_code, reply.text)
+            assert reply.json()["error"]["message"] and reply.headers["x-request-id"], body
+    surrogate = httpx.post(f"{server.base_url}/v1/completions", content=b'{"model": "tiny", "prompt": "a\\ud800"}',
+                           headers={"content-type": "application/json"}, timeout=30)
+    assert surrogate.status_code == 400 and "not valid Unicode" in surrogate.json()["error"]["message"]
+    assert client.completions.create(model="tiny", prompt="still there?", max_tokens=3).usage.completion_tokens >= 1
+
+
+def _series(base_url: str) -> set[str]:
+    return {line.split(" ")[0] for line in httpx.get(f"{base_url}/metrics").text.splitlines()
+            if line.startswith("flexllm_requests_total{")}
+
+
+def test_unknown_paths_and_unauthenticated_requests_add_no_series(tiny_llama_dir, redis_url):
+    app = create_app(ApiConfig(redis_url=redis_url, service=unique_service(), model_name="tiny", api_key="secret"))
+    with ServerThread(app, None) as base_url:
+        def probe(tag: str) -> None:
+            for i in range(15):
+                httpx.get(f"{base_url}/{tag}-{i}/x?y={i}")
+                httpx.post(f"{base_url}/v1/{tag}{i}", json={})
+                httpx.get(f"{base_url}/v1/models", headers={"authorization": f"Bearer {tag}{i}"})
+                httpx.delete(f"{base_url}/v1/completions")
+            httpx.get(f"{base_url}/metrics")
+
+        probe("first")
+        before = _series(base_url)
+        probe("second")
+        assert _series(base_url) == before
+        assert before == {'flexllm_requests_total{endpoint="other",status="404"}',
+                          'flexllm_requests_total{endpoint="/v1/models",status="401"}',
+                          'flexllm_requests_total{endpoint="/v1/completions",status="405"}',
+                          'flexllm_requests_total{endpoint="/metrics",status="200"}'}
+
+
+def test_unexpected_error_is_500_json_with_the_request_id_in_the_log(tiny_llama_dir, redis_url, redis_client,
+                                                                     caplog):
+    """A corrupt output chunk in Redis is an error no handler expects."""
+    service = unique_service()
+    app = create_app(ApiConfig(redis_url=redis_url, service=service, model_name="tiny"))
+    app.state.api.attach_model(AutoTokenizer.from_pretrained(tiny_llama_dir), 256)
+    with ServerThread(app, None) as base_url:
+        replies = []
+        sender = threading.Thread(target=lambda: replies.append(httpx.post(
+            f"{base_url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)))
+        sender.start()
+        entries = _wait(lambda: redis_client.xrange(request_stream(service)))
+        request_id = json.loads(entries[0][1]["data"])["request_id"]
+        redis_client.xadd(output_stream(service, request_id), {"data": "{corrupt"})
+        sender.join(timeout=60)
+    reply = replies[0]
+    assert reply.status_code == 500 and reply.json()["error"]["type"] == "InternalServerError"
+    request_id = reply.headers["x-request-id"]
+    assert request_id in reply.json()["error"]["message"]
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].levelname == "ERROR" and logged[0].exc_info is not None

@@ -72,10 +72,11 @@ def test_broken_dataset_fails_the_job_not_the_worker(server, redis_client, tmp_p
     assert httpx.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
 
 
-def start_worker(model_dir, redis_url, service, adapter_dir) -> subprocess.Popen:
+def start_worker(model_dir, redis_url, service, adapter_dir, data_dir) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flexllm.worker.cli", "worker", "--model", str(model_dir), "--redis-url", redis_url,
-         "--service", service, "--adapter-dir", str(adapter_dir), "--reclaim-idle-ms", "1500",
+         "--service", service, "--adapter-dir", str(adapter_dir), "--data-dir", str(data_dir),
+         "--reclaim-idle-ms", "1500",
          "--max-finetune-tokens", "64", "--log-level", "warning"],
         env=os.environ | {"POD_NAME": f"worker-{time.monotonic_ns()}"}, start_new_session=True)
 
@@ -85,7 +86,7 @@ def test_killed_worker_mid_job_is_resumed_from_the_last_version(tiny_llama_dir, 
     service = unique_service()
     queue = JobQueue(redis_client, service)
     queue.submit(JobSubmission("resumable", "default", job_spec(dataset, max_steps=30, every=3)))
-    first = start_worker(tiny_llama_dir, redis_url, service, tmp_path)
+    first = start_worker(tiny_llama_dir, redis_url, service, tmp_path, dataset.parent)
     second = None
     try:
         wait_for(lambda: versions(redis_client, service, "resumable"), 120, "a first version")
@@ -93,7 +94,7 @@ def test_killed_worker_mid_job_is_resumed_from_the_last_version(tiny_llama_dir, 
         first.wait(timeout=30)
         killed_at = int(queue.progress("resumable")["step"])
         assert killed_at < 30, "the job finished before the kill"
-        second = start_worker(tiny_llama_dir, redis_url, service, tmp_path)
+        second = start_worker(tiny_llama_dir, redis_url, service, tmp_path, dataset.parent)
         wait_for(lambda: queue.progress("resumable").get("phase") == "Succeeded", 180, "the resumed job to finish")
     finally:
         for proc in (first, second):

@@ -179,7 +179,8 @@ def test_worker_sigterm_mid_job_checkpoints_it_and_another_resumes(tiny_llama_di
     queue = JobQueue(redis_client, service)
     queue.submit(JobSubmission("drained", "default", job_spec(dataset, max_steps=20, every=50)))
     common = ["worker", "--model", str(tiny_llama_dir), "--redis-url", redis_url, "--service", service,
-              "--adapter-dir", str(tmp_path / "adapters"), "--max-finetune-tokens", "64"]
+              "--adapter-dir", str(tmp_path / "adapters"), "--max-finetune-tokens", "64",
+              "--data-dir", str(dataset.parent)]
     processes = []
     try:
         a, log_a = flexllm(tmp_path, "worker-a", *common)

@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
-import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,13 +19,14 @@ from flexllm.worker.api.errors import APIError, install_error_handlers
 from flexllm.worker.api.formatting import Renderer, sse
 from flexllm.worker.api.generation import Generation
 from flexllm.worker.api.limits import BodySizeLimit, require_api_key
+from flexllm.worker.api.middleware import RequestContext
 from flexllm.worker.api.prompts import chat_prompt_ids, check_prompt, completion_prompt_ids, sampling_params
 from flexllm.worker.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from flexllm.worker.metrics import Metrics, RedisStateCollector
 from flexllm.worker.names import InvalidNameError
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, connect_async
 from flexllm.worker.queue.messages import InferenceRequest
-from flexllm.worker.queue.requests import RequestProducer
+from flexllm.worker.queue.requests import OutputReader, RequestProducer
 
 log = logging.getLogger(__name__)
 LOADING_RETRY_AFTER_S = 5
@@ -42,6 +42,8 @@ class ApiConfig:
     max_queued_requests: int = 1024
     request_timeout_s: float = 600.0
     api_key: str | None = None
+    redis_connections: int = 64  # the pool for short commands; waiting for output uses one more connection
+    redis_wait_s: float = 10.0  # a command waits this long for a free pooled connection, then 503
 
 
 class ApiState:
@@ -49,10 +51,11 @@ class ApiState:
 
     def __init__(self, config: ApiConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
-        self.redis = connect_async(config.redis_url)
-        self.producer = RequestProducer(self.redis, config.service)
+        self.redis = connect_async(config.redis_url, config.redis_connections, config.redis_wait_s)
+        reader = OutputReader(connect_async(config.redis_url, 1, config.redis_wait_s), self.redis, config.service)
+        self.producer = RequestProducer(self.redis, reader, config.service)
         self.tokenizer = None
-        self.max_model_len = 0
+        self.max_model_len = self.vocab_size = 0
         self.created = int(time.time())
         self.engine_error: str | None = None  # set when the engine loop died: /healthz then fails
         self.draining = False  # set on SIGTERM/SIGINT: no new requests, /readyz fails
@@ -61,7 +64,7 @@ class ApiState:
         self.engine_error = f"{type(error).__name__}: {error}"
 
     def attach_model(self, tokenizer, max_model_len: int) -> None:
-        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.tokenizer, self.max_model_len, self.vocab_size = tokenizer, max_model_len, len(tokenizer)
 
     @property
     def model_ready(self) -> bool:
@@ -102,19 +105,15 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        await state.producer.reader.aclose()
         await state.redis.aclose()
 
     app = FastAPI(title="FlexLLM", version="0.1.0", lifespan=lifespan)
     app.state.api = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics, routes=app.routes)  # outermost: ids, 500s, metrics
     authorized = [Depends(require_api_key(config.api_key))]
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -154,7 +153,7 @@ def create_app(config: ApiConfig, metrics: Metrics | None = None) -> FastAPI:
 
     async def serve(request: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                     logprobs: int | None, chat: bool):
-        check_prompt(prompt_ids, config.max_prompt_tokens, state.max_model_len)
+        check_prompt(prompt_ids, config.max_prompt_tokens, state.max_model_len, state.vocab_size)
         params = sampling_params(request, max_tokens, logprobs, len(prompt_ids), state.max_model_len)
         lora = await state.resolve(request.model)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -204,8 +203,9 @@ async def _stream(generation: Generation, renderer: Renderer, include_usage: boo
         if include_usage and last is not None:
             yield sse(renderer.usage_chunk(last))
         yield sse("[DONE]")
-    except (*TRANSIENT_ERRORS, redis.RedisError, TimeoutError) as error:
-        log.error("stream of %s broken: %s", renderer.request_id, error)
-        yield sse({"error": {"message": str(error), "type": "InternalServerError", "code": 500}})
+    except Exception as error:  # the status line is sent: the stream ends with an error event instead
+        log.exception("stream of %s broken", renderer.request_id)
+        yield sse({"error": {"message": f"the stream broke: {type(error).__name__}: {error}",
+                             "type": "InternalServerError", "code": 500}})
     finally:
         await generation.aclose()

@@ -11,6 +11,8 @@ from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 from flexllm.worker.queue.requests import OutputTimeout, RequestProducer
 
+RETRY_AFTER_S = 1  # what a 429 asks its client to wait: the queue drains at the engines' pace
+
 
 class Generation:
     """``await start()`` enqueues and waits for the first chunk (errors surface as ``APIError`` before
@@ -28,10 +30,9 @@ class Generation:
     async def start(self) -> None:
         arrival = time.monotonic()
         try:
-            if await self.producer.depth() >= self.max_queued:
+            if not await self.producer.submit(self.request, self.max_queued):
                 raise APIError(429, f"the request queue is full ({self.max_queued} requests); retry later",
-                               code="queue_full")
-            await self.producer.submit(self.request)
+                               code="queue_full", retry_after_s=RETRY_AFTER_S)
             self._stream = self._timed(arrival)
             self.first = await anext(self._stream)
         except TRANSIENT_ERRORS as error:

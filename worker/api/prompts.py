@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from flexllm.worker.api.errors import APIError
 from flexllm.worker.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from flexllm.worker.engine.sampling import SamplingParams
@@ -26,13 +28,18 @@ def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from error
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:  # the template's own checks, e.g. roles that must alternate
+        raise APIError(400, f"the model's chat template rejects these messages: {error}", param="messages") from error
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_prompt(prompt_ids: list[int], max_prompt_tokens: int, max_model_len: int) -> None:
+def check_prompt(prompt_ids: list[int], max_prompt_tokens: int, max_model_len: int, vocab_size: int) -> None:
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param="prompt")
+    if max(prompt_ids) >= vocab_size:
+        raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab_size}", param="prompt")
     if len(prompt_ids) > max_prompt_tokens:
         raise APIError(413, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
                             f"{max_prompt_tokens}", param="prompt", code="prompt_too_long")
@@ -44,11 +51,6 @@ def check_prompt(prompt_ids: list[int], max_prompt_tokens: int, max_model_len: i
 def sampling_params(request: GenerationRequest, max_tokens: int | None, logprobs: int | None,
                     prompt_len: int, max_model_len: int) -> SamplingParams:
     """Validated ``SamplingParams``; ``max_tokens`` defaults to the rest of the context (as vLLM)."""
-    if request.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported", param=name)
     room = max_model_len - prompt_len
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from flexllm.worker.adapters.publisher import AdapterPublisher
@@ -27,9 +28,9 @@ class CoServingJobs:
     """The ``JobHandler`` that trains accepted jobs in the co-serving loop."""
 
     def __init__(self, queue: JobQueue, coserve: CoServingEngine, publisher: AdapterPublisher, consumer: str,
-                 metrics: Metrics | None = None, data_root: Path | None = None):
+                 metrics: Metrics | None = None, data_roots: Sequence[Path] = ()):
         self.queue, self.coserve, self.publisher, self.consumer = queue, coserve, publisher, consumer
-        self.metrics, self.data_root = metrics, data_root
+        self.metrics, self.data_roots = metrics, data_roots  # datasets only from under these (none: no dataset)
         self.entries: dict[str, str] = {}  # job -> its pending stream entry
         self.draining = False  # a job is handed back once it finishes its current step
         self._next_check = 0.0
@@ -39,7 +40,7 @@ class CoServingJobs:
         try:
             # Only a job taken over from a dead replica resumes: a new job of a reused name starts afresh.
             runner = FinetuneRunner(engine.model, engine.tokenizer, spec, self.publisher.store.root, job.name,
-                                    base_model=str(engine.model_path), data_root=self.data_root,
+                                    base_model=str(engine.model_path), data_roots=self.data_roots,
                                     resume=job.reclaimed, publish=self._publisher(job.name, spec))
         except Exception as error:  # a bad dataset or checkpoint: the job fails, not the worker
             log.exception("job %s failed to start", job.name)

@@ -6,18 +6,40 @@ with the tokenizer's chat template: loss on the assistant turns only). A sequenc
 ``maxSeqLen`` is truncated to its first ``maxSeqLen`` tokens; one left with no loss token is a bad
 line. Bad lines are counted (``DataStats``) and skipped; an epoch with no valid line is an error.
 Lines are read in file order (no shuffling, so a job can resume from a line number).
+
+A worker reads datasets only under its data roots (``dataset_path``): nothing else it can read is
+offered to a FinetuneJob, and a refusal does not tell whether a file exists.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 
 class DatasetError(ValueError):
     """The dataset cannot train anything (missing, or no valid line)."""
+
+
+def dataset_path(source: str, roots: Sequence[Path] | None) -> Path:
+    """The file of a dataset ``source`` (``file://`` URI or path; a relative one is relative to the
+    working directory). With ``roots`` (a worker's data roots) it must lie under one of them once every
+    symlink is followed, with no ``..``, and the refusal reads the same whether or not the file exists.
+    ``roots=None`` is for a trusted caller (offline training): any path."""
+    path = Path(source.removeprefix("file://"))
+    if roots is None:
+        return path
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = None
+    if ".." not in path.parts and resolved is not None and any(resolved.is_relative_to(r.resolve()) for r in roots):
+        return resolved
+    allowed = ", ".join(str(r) for r in roots) or "none configured (--data-dir)"
+    raise DatasetError(f"dataset {source!r} is refused: datasets must be files under the data roots ({allowed}), "
+                       "without '..' or symlinks leading out")
 
 
 @dataclass(frozen=True)

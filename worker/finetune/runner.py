@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -62,7 +62,7 @@ class FinetuneRunner:
         adapter: str,
         *,
         base_model: str = "",
-        data_root: Path | None = None,
+        data_roots: Sequence[Path] | None = None,  # a worker's: the dataset must lie under one
         backward_window: int | None = None,
         resume: bool = True,
         publish: Callable[[Callable[[Path], None], int, float], int] | None = None,
@@ -73,7 +73,7 @@ class FinetuneRunner:
         self.store, self.adapter = AdapterStore(adapter_root), adapter
         self.store.folder(adapter, 0)  # validates the name: no path traversal, no @version
         training = job.training
-        path = job.dataset.resolve(data_root)
+        path = job.dataset.resolve(data_roots)
         self.stream = SequenceStream(path, job.dataset.format, tokenizer, training.max_seq_len)
         if training.max_steps is not None:
             self.total_steps = training.max_steps

@@ -6,6 +6,7 @@ tests/operator/test_operator_spec_sync.py compares both ways, so neither can dri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from flexllm.worker.engine.lora_targets import LORA_TARGETS
+from flexllm.worker.finetune.data import dataset_path
 
 
 class _Spec(BaseModel):
@@ -23,17 +25,9 @@ class DatasetSpec(_Spec):
     source: str = Field(min_length=1, max_length=4096, pattern=r"^(file://)?[^:]+$")  # file:///abs, rel or /abs
     format: Literal["text", "prompt-completion", "chat"] = "prompt-completion"
 
-    def resolve(self, root: Path | None = None) -> Path:
-        """The dataset's local path; with ``root``, relative paths live under it and may not leave it."""
-        raw = self.source.removeprefix("file://")
-        path = Path(raw)
-        if root is None:
-            return path
-        root = root.resolve()
-        path = (path if path.is_absolute() else root / path).resolve()
-        if not path.is_relative_to(root):
-            raise ValueError(f"dataset source {self.source!r} is outside the allowed root {str(root)!r}")
-        return path
+    def resolve(self, roots: Sequence[Path] | None = None) -> Path:
+        """The dataset's file; with ``roots`` (a worker's data roots) only under them (``dataset_path``)."""
+        return dataset_path(self.source, roots)
 
 
 class LoraSpec(_Spec):

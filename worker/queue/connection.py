@@ -83,8 +83,12 @@ def deliveries(client: redis.Redis, stream: str, entry_id: str) -> int:
     return int(pending[0]["times_delivered"]) if pending else 0
 
 
-def connect_async(url: str) -> aredis.Redis:
-    return aredis.Redis.from_url(url, **_options(url))
+def connect_async(url: str, max_connections: int, wait_s: float) -> aredis.Redis:
+    """An asyncio client with at most ``max_connections``; a command waits up to ``wait_s`` for a free one
+    (then ``redis.ConnectionError``) instead of opening more."""
+    pool = aredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait_s,
+                                                  **_options(url))
+    return aredis.Redis.from_pool(pool)
 
 
 def with_backoff(call: Callable[[], T], what: str, url: str, max_delay: float = 30.0,

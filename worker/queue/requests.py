@@ -3,15 +3,20 @@
 Delivery is at-least-once: an engine acknowledges (XACK + XDEL) a request only after its final chunk
 is in Redis. A request left pending by a dead engine is reclaimed with XAUTOCLAIM by another one,
 which resumes it after the tokens already streamed (see ``RequestConsumer.emitted``).
+
+The stream holds the requests queued or in progress, so its length is the queue depth that
+``RequestProducer.submit`` limits, atomically (one Lua script), across every API process of a service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
@@ -21,60 +26,126 @@ from flexllm.worker.queue.connection import TRANSIENT_ERRORS, deliveries, ensure
 from flexllm.worker.queue.deadletter import dead_letter, poison_error
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
+log = logging.getLogger(__name__)
+
 BLOCK_MS = 2000  # longest blocking read: well under the client's socket timeout
-RETRY_S = 0.5  # between reads while Redis is unreachable
 ALREADY_PUSHED = "equal or smaller than the target stream top item"  # XADD's refusal of an old id
+WAKE_TTL_S = 3600  # an API process's wake stream outlives it by at most this long
+READ_RETRY_S = 0.5  # pause of the output reader after a failed read
+
+# KEYS[1] the request stream; ARGV[1] the queue limit, ARGV[2] the request JSON.
+# Returns the new entry id, or nil when the stream already holds ARGV[1] entries.
+ADMIT_SCRIPT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
+"""
 
 
 class OutputTimeout(TimeoutError):
     """No output arrived for a request within the timeout (no engine is consuming?)."""
 
 
+@dataclass
+class _Waiter:
+    last_id: str = "0"
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # chunk JSON, or the error of a failed read
+
+
+class OutputReader:
+    """Reads the output streams of every request this process waits on with one blocking XREAD on its
+    own connection, so a waiting client pins no pooled connection. A request that starts waiting while
+    the read blocks wakes it with an entry on this process's wake stream (read in the same XREAD)."""
+
+    def __init__(self, reader: aredis.Redis, client: aredis.Redis, service: str):
+        self.reader, self.client, self.service = reader, client, service  # reader: this task's connection
+        self.wake_key = protocol.api_wake_stream(service, uuid.uuid4().hex)
+        self._wake_id = "0"
+        self._waiters: dict[str, _Waiter] = {}  # output stream key -> waiter
+        self._changed = asyncio.Event()
+        self._reading = self._woken = False
+        self._task: asyncio.Task | None = None
+
+    async def watch(self, request_id: str) -> asyncio.Queue:
+        """Start reading ``request_id``'s outputs; its chunks (JSON) arrive on the returned queue."""
+        waiter = self._waiters[protocol.output_stream(self.service, request_id)] = _Waiter()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="output-reader")
+        self._changed.set()
+        if self._reading and not self._woken:  # the running XREAD does not have this stream: wake it
+            self._woken = True
+            pipe = self.client.pipeline(transaction=False)
+            await pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1).expire(self.wake_key, WAKE_TTL_S).execute()
+        return waiter.inbox
+
+    def unwatch(self, request_id: str) -> None:
+        self._waiters.pop(protocol.output_stream(self.service, request_id), None)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._waiters:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            streams = {self.wake_key: self._wake_id} | {key: w.last_id for key, w in self._waiters.items()}
+            self._reading, self._woken = True, False
+            try:
+                reply = await self.reader.xread(streams, block=BLOCK_MS, count=256)
+            except Exception as error:
+                self._reading = False
+                log.error("reading output streams failed: %s", error)
+                if not isinstance(error, TRANSIENT_ERRORS):  # Redis away: wait (each request has a timeout)
+                    for waiter in self._waiters.values():  # anything else fails the waiting requests
+                        waiter.inbox.put_nowait(error)
+                await asyncio.sleep(READ_RETRY_S)
+                continue
+            self._reading = False
+            for key, entries in reply or []:
+                if key == self.wake_key:
+                    self._wake_id = entries[-1][0]
+                elif (waiter := self._waiters.get(key)) is not None:
+                    waiter.last_id = entries[-1][0]
+                    for _, fields in entries:
+                        waiter.inbox.put_nowait(fields["data"])
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.reader.aclose()
+
+
 class RequestProducer:
-    """The API's side: enqueue a request, stream its outputs back, cancel it."""
+    """The API's side: admit a request against the queue limit, stream its outputs back, cancel it."""
 
-    def __init__(self, client: aredis.Redis, service: str):
-        self.client, self.service = client, service
+    def __init__(self, client: aredis.Redis, reader: OutputReader, service: str):
+        self.client, self.reader, self.service = client, reader, service
         self.stream = protocol.request_stream(service)
+        self._admit = client.register_script(ADMIT_SCRIPT)
 
-    async def depth(self) -> int:
-        """Requests queued or in progress (engines delete an entry once it is done)."""
-        return await self.client.xlen(self.stream)
-
-    async def submit(self, request: InferenceRequest) -> None:
-        """Returns once the request is stored in Redis."""
-        await self.client.xadd(self.stream, {"data": request.to_json()})
+    async def submit(self, request: InferenceRequest, max_queued: int) -> bool:
+        """Stores the request unless ``max_queued`` requests are already queued or in progress."""
+        return await self._admit(keys=[self.stream], args=[max_queued, request.to_json()]) is not None
 
     async def outputs(self, request_id: str, timeout_s: float) -> AsyncIterator[OutputChunk]:
         """The request's chunks in order, up to the finished one; deletes the output stream after. While
-        Redis is unreachable it keeps trying (the engines resume once it is back) until ``timeout_s``."""
-        key, last_id = protocol.output_stream(self.service, request_id), "0"
-        deadline = time.monotonic() + timeout_s
+        Redis is unreachable the reader keeps trying (the engines resume once it is back) up to ``timeout_s``."""
+        inbox = await self.reader.watch(request_id)
         try:
             while True:
-                wait_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
                 try:
-                    reply = await self.client.xread({key: last_id}, block=max(min(wait_ms, BLOCK_MS), 1),
-                                                    count=256)
-                except TRANSIENT_ERRORS:
-                    if time.monotonic() >= deadline:
-                        raise
-                    await asyncio.sleep(RETRY_S)
-                    continue
-                if not reply:
-                    if time.monotonic() >= deadline:
-                        raise OutputTimeout(f"no output for request {request_id} within {timeout_s:.0f} s")
-                    continue
-                for entry_id, fields in reply[0][1]:
-                    last_id = entry_id
-                    chunk = OutputChunk.from_json(fields["data"])
-                    yield chunk
-                    if chunk.finished:
-                        return
-                deadline = time.monotonic() + timeout_s
+                    item = await asyncio.wait_for(inbox.get(), timeout_s)
+                except TimeoutError:
+                    raise OutputTimeout(f"no output for request {request_id} within {timeout_s:.0f} s") from None
+                if isinstance(item, Exception):
+                    raise item
+                chunk = OutputChunk.from_json(item)
+                yield chunk
+                if chunk.finished:
+                    return
         finally:
+            self.reader.unwatch(request_id)
             with contextlib.suppress(*TRANSIENT_ERRORS):  # it expires anyway (OUTPUT_TTL_S)
-                await self.client.delete(key)
+                await self.client.delete(protocol.output_stream(self.service, request_id))
 
     async def cancel(self, request_id: str) -> None:
         await self.client.set(protocol.request_cancel_flag(self.service, request_id), "1",
