@@ -33,12 +33,13 @@ def test_spec_parses_the_crs_camel_case_with_defaults():
             {"dataset": {"source": "x"}, "lora": {"targetModules": ["lm_head"]}, "training": {"maxSteps": 1}})
 
 
-def test_dataset_source_stays_under_the_root(tmp_path):
-    assert DatasetSpec(source="file://a/b.jsonl").resolve(tmp_path) == tmp_path.resolve() / "a/b.jsonl"
-    assert DatasetSpec(source=str(tmp_path / "x.jsonl")).resolve(tmp_path) == tmp_path.resolve() / "x.jsonl"
-    for bad in ("../secret.jsonl", "file://a/../../secret.jsonl", "/etc/passwd"):
-        with pytest.raises(ValueError, match="outside the allowed root"):
-            DatasetSpec(source=bad).resolve(tmp_path)
+def test_dataset_source_stays_under_the_roots(tmp_path):
+    inside = tmp_path / "x.jsonl"
+    assert DatasetSpec(source=str(inside)).resolve([tmp_path]) == inside.resolve()
+    assert DatasetSpec(source=f"file://{inside}").resolve([tmp_path]) == inside.resolve()
+    for bad in (str(tmp_path / ".." / "secret.jsonl"), f"file://{tmp_path}/a/../../secret.jsonl", "/etc/passwd"):
+        with pytest.raises(ValueError, match="must be files under the data roots"):
+            DatasetSpec(source=bad).resolve([tmp_path])
 
 
 def test_formats_mask_the_loss(tokenizer):

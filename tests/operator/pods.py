@@ -54,8 +54,8 @@ def pod_env(container: dict[str, Any], pod_name: str, secrets: dict[tuple[str, s
     env: dict[str, str] = {}
     for item in container.get("env", []):
         source = item.get("valueFrom", {})
-        if "value" in item:
-            env[item["name"]] = item["value"]
+        if "value" in item or not source:  # the API server drops an empty value: the kubelet sets ""
+            env[item["name"]] = item.get("value", "")
         elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = pod_name
         elif "secretKeyRef" in source:

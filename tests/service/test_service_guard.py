@@ -260,9 +260,10 @@ def test_pinned_adapter_names_are_checked_by_the_operator(tmp_path):
     from flexllm.operator import inferenceservice
 
     spec = yaml.safe_load((REPO / "examples" / "inferenceservice.yaml").read_text())["spec"]
-    spec["adapters"] = [{"name": "a" * 100, "uri": "pvc://adapters/a"}]  # the CRD allows 253 characters
-    patch = kopf.Patch()
-    with pytest.raises(kopf.PermanentError, match="invalid adapter name"):
-        inferenceservice.reconcile(spec=spec, name="smollm2", namespace="default", body={}, meta={}, status={},
-                                   patch=patch, memo=None, logger=None)
-    assert patch["status"]["conditions"][0]["reason"] == "InvalidName"
+    for bad in ("a" * 100, "a..b", "x:cancel"):
+        spec["adapters"] = [{"name": bad, "uri": "pvc://adapters/a"}]
+        patch = kopf.Patch()
+        with pytest.raises(kopf.PermanentError, match=r"adapters\.0\.name"):
+            inferenceservice.reconcile(spec=spec, name="smollm2", namespace="default", body={}, meta={}, status={},
+                                       patch=patch, memo=None, logger=None)
+        assert patch["status"]["conditions"][0]["reason"] == "InvalidSpec"
