@@ -135,7 +135,7 @@ def wait_ready(base: str, worker: EngineWorker, timeout_s: float = 600) -> None:
 
 
 MEAN_OUTPUT_TOKENS = 40  # of the generated requests (16-64)
-LOAD_FRACTION = 0.5  # the default rate: half of what the machine serves one request at a time
+LOAD_FRACTION = 1.0  # the default rate: what the machine serves one request at a time (batching leaves room)
 MAX_RATE = 4.0
 
 
