@@ -8,7 +8,7 @@ rest). Computed for the GPU models of the simulator from the same parts (bf16 we
 fp32 with AdamW: weights, gradients and two moments; activations at the measured bytes per token of
 ``memory.json``). ``coserved_job_memory_vs_separate`` = (coserved - serving) / separate.
 
-    python benchmarks/job_memory.py   # also run by memory.py, which writes it into memory.json
+    python benchmarks/job_memory.py   # writes results/job_memory.json; memory.py adds it to memory.json
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import write_json
 from costmodel import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,9 @@ def main() -> None:
     if args.case:
         print(run_case(args.case))
         return
-    print(json.dumps(job_memory(args.kib_per_token), indent=2))
+    result = job_memory(args.kib_per_token)
+    print(json.dumps(result, indent=2))
+    print(f"wrote {write_json('job_memory', result)}")
 
 
 if __name__ == "__main__":
