@@ -11,8 +11,8 @@ import redis
 
 from flexllm.worker import protocol
 from flexllm.worker.names import validate_name
-from flexllm.worker.queue.connection import deliveries, ensure_group, hand_back
-from flexllm.worker.queue.deadletter import dead_letter, poison_error
+from flexllm.worker.queue.connection import ensure_group, hand_back
+from flexllm.worker.queue.deadletter import screen
 
 
 @dataclass
@@ -69,21 +69,15 @@ class JobQueue:
                 raise
             self.ensure_group()  # Redis came back empty (no persistence): start over
             return []
-        claimed: list[tuple[str, JobSubmission]] = []
         fresh = [e for _, entries in reply or [] for e in entries]
-        for (entry_id, fields), reclaimed in [*((e, True) for e in stale), *((e, False) for e in fresh)]:
-            delivered = deliveries(self.client, self.stream, entry_id) if reclaimed else 1
-            try:
-                job = JobSubmission.from_json(fields["data"])
-            except (KeyError, TypeError, ValueError) as error:  # no progress hash: its key is not safe
-                dead_letter(self.client, self.service, self.stream, entry_id, fields.get("data"),
-                            f"invalid job entry: {error}", delivered)
-                continue
-            if delivered > self.max_deliveries:
-                error = poison_error("job", delivered)
-                self.set_progress(job.name, phase="Failed", message=error)
-                dead_letter(self.client, self.service, self.stream, entry_id, fields["data"], error, delivered)
-                continue
+        entries = [*((eid, f, True) for eid, f in stale), *((eid, f, False) for eid, f in fresh)]
+
+        def fail(job: JobSubmission, error: str) -> None:
+            self.set_progress(job.name, phase="Failed", message=error)
+
+        claimed = []
+        for entry_id, job, reclaimed in screen(self.client, self.service, self.stream, entries,
+                                               JobSubmission.from_json, "job", self.max_deliveries, fail):
             job.reclaimed = reclaimed
             claimed.append((entry_id, job))
         return claimed

@@ -22,8 +22,8 @@ import redis
 import redis.asyncio as aredis
 
 from flexllm.worker import protocol
-from flexllm.worker.queue.connection import TRANSIENT_ERRORS, deliveries, ensure_group, hand_back
-from flexllm.worker.queue.deadletter import dead_letter, poison_error
+from flexllm.worker.queue.connection import TRANSIENT_ERRORS, ensure_group, hand_back
+from flexllm.worker.queue.deadletter import screen
 from flexllm.worker.queue.messages import InferenceRequest, OutputChunk
 
 log = logging.getLogger(__name__)
@@ -211,22 +211,12 @@ class RequestConsumer:
 
     def _readable(self, entries: list[tuple[str, dict[str, str], bool]]) -> list[ClaimedRequest]:
         """The entries that can be processed; unreadable and poison ones are dead-lettered here."""
-        claimed = []
-        for entry_id, fields, reclaimed in entries:
-            delivered = deliveries(self.client, self.stream, entry_id) if reclaimed else 1
-            try:
-                request = InferenceRequest.from_json(fields["data"])
-            except (KeyError, TypeError, ValueError) as error:
-                dead_letter(self.client, self.service, self.stream, entry_id, fields.get("data"),
-                            f"unreadable request entry: {error}", delivered)
-                continue
-            if delivered > self.max_deliveries:
-                error = poison_error("request", delivered)
-                self.push([(request.request_id, None, OutputChunk.failure(500, "InternalServerError", error))])
-                dead_letter(self.client, self.service, self.stream, entry_id, fields["data"], error, delivered)
-                continue
-            claimed.append(ClaimedRequest(entry_id, request, reclaimed))
-        return claimed
+        def answer(request: InferenceRequest, error: str) -> None:
+            self.push([(request.request_id, None, OutputChunk.failure(500, "InternalServerError", error))])
+
+        kept = screen(self.client, self.service, self.stream, entries, InferenceRequest.from_json, "request",
+                      self.max_deliveries, answer)
+        return [ClaimedRequest(entry_id, request, reclaimed) for entry_id, request, reclaimed in kept]
 
     def heartbeat(self, entry_ids: list[str]) -> None:
         """Reset the idle time of requests this consumer still works on, so nobody reclaims them."""
