@@ -8,16 +8,13 @@ max_lora_rank`` (smaller ranks are zero-padded). A request's tokens carry its sl
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear
+from flexllm.worker.engine.lora_targets import LORA_TARGETS, canonical_targets, lora_scaling, parse_peft_key
+from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.names import split_version
-
-_PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
 class UnknownAdapterError(KeyError):
@@ -36,7 +33,7 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @classmethod
     def read(cls, folder: Path) -> AdapterConfig:
@@ -48,21 +45,11 @@ class AdapterConfig:
             raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern is not supported")
         targets = raw.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else list(targets)
-        unknown = sorted(set(targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ValueError(f"{folder}: unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
-        return cls(int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), tuple(targets),
-                   bool(raw.get("use_rslora", False)))
-
-
-def _target_layers(model: CausalLM) -> dict[str, list[LoRALinear]]:
-    """Target module name -> the LoRALinear of each layer that holds it."""
-    targets: dict[str, list[LoRALinear]] = {name: [] for name in LORA_TARGETS}
-    for layer in model.layers:
-        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            for name in module.out_slices:
-                targets[name].append(module)
-    return targets
+        try:
+            targets = canonical_targets(targets)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
+        return cls(int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), targets, bool(raw.get("use_rslora", False)))
 
 
 class LoRAManager:
@@ -70,7 +57,8 @@ class LoRAManager:
 
     def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
-        self.targets = _target_layers(model)
+        # target -> its projection in each layer
+        self.targets = {t: [model.projection(i, t) for i in range(model.args.num_layers)] for t in LORA_TARGETS}
         self.registry: dict[str, tuple[Path, AdapterConfig]] = {}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # loaded adapters, least recently used first
         self.pins = [0] * max_loras
@@ -144,10 +132,10 @@ class LoRAManager:
                 module.lora_scaling[target][slot] = config.scaling if target in config.target_modules else 0.0
         r = config.rank
         for key, tensor in weights.items():
-            match = _PEFT_KEY.search(key)
-            if match is None:
-                raise ValueError(f"adapter {name!r}: unexpected weight {key!r}")
-            layer, target, which = int(match[1]), match[2], match[3]
+            try:
+                layer, target, which = parse_peft_key(key)
+            except ValueError as e:
+                raise ValueError(f"adapter {name!r}: {e}") from None
             module = self.targets[target][layer]
             if which == "A":  # [r, in]
                 module.lora_a[target][slot, :r].copy_(tensor)

@@ -1,3 +1,51 @@
-"""The projections a LoRA adapter may target (torch-free: the operator validates specs with it too)."""
+"""The one table of LoRA targets: the projections an adapter may target, where each lives in a decoder
+layer, PEFT's key names for them and PEFT's scaling rule (torch-free: the operator validates specs with it).
+"""
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from __future__ import annotations
+
+import math
+import re
+
+# target -> (its block in a decoder layer, as Hugging Face names it; the engine's merged projection
+# holding it, the targets' output slices in this order)
+TARGETS = {
+    "q_proj": ("self_attn", "qkv_proj"),
+    "k_proj": ("self_attn", "qkv_proj"),
+    "v_proj": ("self_attn", "qkv_proj"),
+    "o_proj": ("self_attn", "o_proj"),
+    "gate_proj": ("mlp", "gate_up_proj"),
+    "up_proj": ("mlp", "gate_up_proj"),
+    "down_proj": ("mlp", "down_proj"),
+}
+LORA_TARGETS = tuple(TARGETS)
+# merged projection -> the targets it holds, e.g. "qkv_proj" -> ("q_proj", "k_proj", "v_proj")
+MERGED = {merged: tuple(t for t, (_, m) in TARGETS.items() if m == merged) for _, merged in TARGETS.values()}
+
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def canonical_targets(targets: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``targets`` in table order without duplicates; ``ValueError`` naming any unsupported one."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
+    return tuple(t for t in LORA_TARGETS if t in targets)
+
+
+def peft_key(layer: int, target: str, which: str) -> str:
+    """PEFT's state-dict key, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"base_model.model.model.layers.{layer}.{TARGETS[target][0]}.{target}.lora_{which}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[int, str, str]:
+    """``peft_key``'s inverse -> (layer, target, "A" or "B"); ``ValueError`` for any other key."""
+    match = _PEFT_KEY.search(key)
+    if match is None or TARGETS.get(match[3], ("",))[0] != match[2]:
+        raise ValueError(f"unexpected weight {key!r}: not a LoRA weight of {', '.join(LORA_TARGETS)}")
+    return int(match[1]), match[3], match[4]
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha / r, or rank-stabilized (rsLoRA) alpha / sqrt(r)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)

@@ -1,26 +1,30 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) over a flat token batch and a paged KV cache.
+"""Llama-family decoder (Llama, Mistral, Qwen2): one decoder layer for serving and training.
 
-Parameter names follow Hugging Face's, except that q/k/v and gate/up projections are merged
-into ``qkv_proj`` and ``gate_up_proj`` (one GEMM each); ``load_hf_state_dict`` merges them.
+The layer's code is written once (``DecoderLayer.steps``); a ``LayerBackend`` supplies what differs:
+serving's ``PagedBackend`` (a flat token batch over the paged KV cache, LoRA from stacked adapter
+slots) or training's ``finetune.layer.ChunkBackend`` (a packed chunk's attention, trainable LoRA).
+Parameter names follow Hugging Face's, except that q/k/v and gate/up projections are merged into
+``qkv_proj`` and ``gate_up_proj`` (one GEMM each, ``lora_targets.MERGED``); ``load_hf_state_dict``
+merges them.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flexllm.kernels import lora_expand, lora_shrink, paged_attention, rms_norm, silu_and_mul
-from flexllm.worker.engine.context import LoRABatch, StepContext
+from flexllm.worker.engine.context import StepContext
 from flexllm.worker.engine.fused import LayerSteps, Rider, run_alone, run_fused
-from flexllm.worker.engine.lora_targets import LORA_TARGETS
+from flexllm.worker.engine.lora_targets import MERGED, TARGETS
 
-# architecture name -> whether q/k/v projections carry a bias
-__all__ = ["LORA_TARGETS", "CausalLM", "LoRALinear", "ModelArgs", "SUPPORTED_ARCHITECTURES"]
-
+# architecture name -> whether q/k/v projections carry a bias (None: the config's attention_bias)
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": None, "MistralForCausalLM": None, "Qwen2ForCausalLM": True}
 
 
@@ -40,6 +44,13 @@ class ModelArgs:
     qkv_bias: bool
     tie_word_embeddings: bool
     sliding_windows: tuple[int | None, ...]  # per layer: a query sees its last W keys, or None: all of them
+
+    def target_features(self) -> dict[str, tuple[int, int]]:
+        """LoRA target -> (in, out) features of its projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @classmethod
     def from_hf_config(cls, config) -> ModelArgs:
@@ -93,36 +104,49 @@ def _sliding_windows(config, arch: str) -> tuple[int | None, ...]:
 
 
 class LoRALinear(nn.Linear):
-    """A frozen linear whose output slices (e.g. q, k, v) may each carry stacked LoRA slots.
+    """A frozen linear whose output slices (e.g. q, k, v) are LoRA targets.
 
-    ``lora_a[name]`` [S, R, in], ``lora_b[name]`` [S, out_slice, R], ``lora_scaling[name]`` [S];
-    the per-token slot index comes with the step's ``LoRABatch``.
+    Serving slots: ``lora_a[name]`` [S, R, in], ``lora_b[name]`` [S, out_slice, R], ``lora_scaling[name]``
+    [S] (filled by ``lora.LoRAManager``; the per-token slot index comes with the step's ``LoRABatch``).
     """
 
-    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool = False):
-        super().__init__(in_features, sum(out_sizes.values()), bias=bias)
-        self.out_slices: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in out_sizes.items():
-            self.out_slices[name] = (offset, offset + size)
-            offset += size
+    def __init__(self, args: ModelArgs, merged: str, bias: bool = False):
+        features, targets = args.target_features(), MERGED[merged]
+        ends = list(itertools.accumulate(features[t][1] for t in targets))
+        super().__init__(features[targets[0]][0], ends[-1], bias=bias)
+        self.out_slices = {t: (end - features[t][1], end) for t, end in zip(targets, ends, strict=True)}
         self.lora_a: dict[str, torch.Tensor] = {}
         self.lora_b: dict[str, torch.Tensor] = {}
         self.lora_scaling: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        return run_alone(self.steps(x, lora))
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """y [T, out] -> its target slices, e.g. q, k, v."""
+        return y.split([end - start for start, end in self.out_slices.values()], dim=-1)
 
-    def steps(self, x: torch.Tensor, lora: LoRABatch | None) -> LayerSteps:
-        """x [T, in] -> y [T, out]: the base GEMM is left to the driver (``fused``), then each token's
-        adapter slot's delta is added to y in place."""
+    def steps(self, x: torch.Tensor, backend: LayerBackend) -> LayerSteps:
+        """x [T, in] -> y [T, out]: the base GEMM is left to the driver (``fused``), the LoRA deltas to the backend."""
         y = yield self, x
-        if lora is not None:
-            for name, lora_a in self.lora_a.items():
-                start, end = self.out_slices[name]
-                xa = lora_shrink(x, lora_a, lora.indices)  # [T, R]
-                lora_expand(y[:, start:end], xa, self.lora_b[name], lora.indices, self.lora_scaling[name])
-        return y
+        return backend.lora(self, x, y)
+
+
+class LayerBackend(Protocol):
+    """What a decoder layer leaves to its caller, serving (``PagedBackend``) or training
+    (``finetune.layer.ChunkBackend``): ``add_norm`` x, residual [T, H] -> (rms_norm(x + residual),
+    x + residual); ``silu_mul`` gate_up [T, 2I] -> [T, I]; ``lora`` the base output y [T, out] of x
+    [T, in] plus the module's LoRA deltas; ``attention`` rotated q [T, H_q, D], k, v [T, H_kv, D] ->
+    causal attention output [T, H_q, D]."""
+
+    cos: torch.Tensor  # [T, 1, D/2]: the rotary tables of the rows' positions
+    sin: torch.Tensor
+
+    def add_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def lora(self, module: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def attention(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,48 +185,36 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.sliding_window = args.sliding_windows[layer]
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.qkv_proj = LoRALinear(
-            args.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=args.qkv_bias
-        )
-        self.o_proj = LoRALinear(q_size, {"o_proj": args.hidden_size})
+        self.head_dim = args.head_dim
+        self.qkv_proj = LoRALinear(args, "qkv_proj", bias=args.qkv_bias)
+        self.o_proj = LoRALinear(args, "o_proj")
         self.scale = args.head_dim**-0.5
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, H_kv, D], set by the model runner
         self.v_cache = torch.empty(0)
 
-    def steps(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> LayerSteps:
-        T = x.shape[0]
-        qkv = yield from self.qkv_proj.steps(x, ctx.lora)
-        q, k, v = qkv.split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H_q, D]
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, H_kv, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
-        out = paged_attention(
-            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.context_lens, self.scale,
-            self.sliding_window,
-        )
-        return (yield from self.o_proj.steps(out.reshape(T, -1), ctx.lora))
+    def steps(self, x: torch.Tensor, backend: LayerBackend) -> LayerSteps:
+        T, D = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj.split((yield from self.qkv_proj.steps(x, backend)))
+        q = apply_rotary(q.view(T, -1, D), backend.cos, backend.sin)  # [T, H_q, D]
+        k = apply_rotary(k.view(T, -1, D), backend.cos, backend.sin)  # [T, H_kv, D]
+        out = backend.attention(self, q, k, v.view(T, -1, D))
+        return (yield from self.o_proj.steps(out.reshape(T, -1), backend))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        size = args.intermediate_size
-        self.gate_up_proj = LoRALinear(args.hidden_size, {"gate_proj": size, "up_proj": size})
-        self.down_proj = LoRALinear(size, {"down_proj": args.hidden_size})
+        self.gate_up_proj = LoRALinear(args, "gate_up_proj")
+        self.down_proj = LoRALinear(args, "down_proj")
 
-    def steps(self, x: torch.Tensor, lora: LoRABatch | None) -> LayerSteps:
-        gate_up = yield from self.gate_up_proj.steps(x, lora)
-        return (yield from self.down_proj.steps(silu_and_mul(gate_up), lora))
+    def steps(self, x: torch.Tensor, backend: LayerBackend) -> LayerSteps:
+        gate_up = yield from self.gate_up_proj.steps(x, backend)
+        return (yield from self.down_proj.steps(backend.silu_mul(gate_up), backend))
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer for serving and training alike; what differs is the ``LayerBackend``."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = Attention(args, layer)
@@ -211,12 +223,43 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(args.hidden_size))
         self.eps = args.rms_norm_eps
 
-    def steps(self, x, residual, cos, sin, ctx: StepContext) -> LayerSteps:
-        """x, residual [T, H] -> (mlp output, residual) of the flat batch (vLLM's fused add + norm)."""
-        h, residual = rms_norm(x, self.input_layernorm, self.eps, residual)
-        h = yield from self.self_attn.steps(h, cos, sin, ctx)
-        h, residual = rms_norm(h, self.post_attention_layernorm, self.eps, residual)
-        return (yield from self.mlp.steps(h, ctx.lora)), residual
+    def steps(self, x: torch.Tensor, residual: torch.Tensor | None, backend: LayerBackend) -> LayerSteps:
+        """x, residual [T, H] -> (mlp output, residual), whose sum is the layer's output (vLLM's fused
+        add + norm; residual None: x is the layer's input). A generator: the frozen GEMMs are left to
+        the driver, ``fused.run_alone`` or ``run_fused``."""
+        h, residual = backend.add_norm(x, self.input_layernorm, self.eps, residual)
+        h = yield from self.self_attn.steps(h, backend)
+        h, residual = backend.add_norm(h, self.post_attention_layernorm, self.eps, residual)
+        return (yield from self.mlp.steps(h, backend)), residual
+
+
+@dataclass
+class PagedBackend:
+    """Serving: the step's flat batch writes its K/V into the paged cache and attends over it; each
+    token adds the LoRA deltas of its adapter slot."""
+
+    ctx: StepContext
+    cos: torch.Tensor  # [T, 1, D/2]
+    sin: torch.Tensor
+    add_norm = staticmethod(rms_norm)
+    silu_mul = staticmethod(silu_and_mul)
+
+    def lora(self, module: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each token's slot's deltas, added to y in place."""
+        if self.ctx.lora is not None:
+            indices = self.ctx.lora.indices
+            for name, lora_a in module.lora_a.items():
+                start, end = module.out_slices[name]
+                xa = lora_shrink(x, lora_a, indices)  # [T, R]
+                lora_expand(y[:, start:end], xa, module.lora_b[name], indices, module.lora_scaling[name])
+        return y
+
+    def attention(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx, (h_kv, d) = self.ctx, k.shape[1:]
+        attn.k_cache.view(-1, h_kv, d)[ctx.slot_mapping] = k
+        attn.v_cache.view(-1, h_kv, d)[ctx.slot_mapping] = v
+        return paged_attention(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.query_start_loc,
+                               ctx.context_lens, attn.scale, attn.sliding_window)
 
 
 class CausalLM(nn.Module):
@@ -234,14 +277,19 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, riders: Sequence[Rider] = ()) -> torch.Tensor:
         """``riders``: fine-tuning rows that share each of their layers' projections with the batch."""
         x = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(ctx.positions, x.dtype)
+        backend = PagedBackend(ctx, *self.rotary.cos_sin(ctx.positions, x.dtype))
         residual = None
         for i, layer in enumerate(self.layers):
-            groups = [(layer.steps(x, residual, cos, sin, ctx), False)]
+            groups = [(layer.steps(x, residual, backend), False)]
             groups += [(r.layer_steps(i), r.requires_grad) for r in riders if i in r.layers]
             x, residual = run_fused(groups)[0] if len(groups) > 1 else run_alone(groups[0][0])
         x, _ = rms_norm(x, self.norm, self.args.rms_norm_eps, residual)
         return x
+
+    def projection(self, layer: int, target: str) -> LoRALinear:
+        """The merged projection of decoder layer ``layer`` that holds LoRA target ``target``."""
+        block, merged = TARGETS[target]
+        return getattr(getattr(self.layers[layer], block), merged)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in fp32."""
@@ -251,17 +299,12 @@ class CausalLM(nn.Module):
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a Hugging Face ``*ForCausalLM`` state dict in, merging q/k/v and gate/up."""
         own = self.state_dict()
-        merged = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
         for name, target in own.items():
             hf = _hf_name(name)
             parent, _, leaf = hf.rpartition(".")
-            module = parent.rpartition(".")[2]
-            if module in merged:
-                base = parent.rpartition(".")[0]
-                parts = [state[f"{base}.{p}.{leaf}"] for p in merged[module]]
-                source = torch.cat(parts, dim=0)
-            else:
-                source = state[hf]
+            base, _, module = parent.rpartition(".")
+            parts = [f"{base}.{p}.{leaf}" for p in MERGED[module]] if module in MERGED else [hf]
+            source = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
             if source.shape != target.shape:
                 raise ValueError(f"weight {hf}: shape {tuple(source.shape)} != expected {tuple(target.shape)}")
             target.copy_(source)

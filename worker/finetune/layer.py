@@ -1,4 +1,4 @@
-"""Training forward of the engine model's layers on one packed token chunk, LoRA added, base frozen.
+"""Training's backend of the engine model's decoder layer: one packed token chunk, LoRA added, base frozen.
 
 A chunk is a slice of a micro-batch's packed token stream: several sequences back to back, each
 with its own positions and causal (block-diagonal) attention. The same code serves the no-grad
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from flexllm.worker.engine.fused import LayerSteps
-from flexllm.worker.engine.model import LORA_TARGETS, CausalLM, LoRALinear, apply_rotary
+from flexllm.worker.engine.lora_targets import LORA_TARGETS
+from flexllm.worker.engine.model import Attention, CausalLM, LoRALinear
 from flexllm.worker.finetune.functions import Run, chunk_attention, cross_entropy_sum, rms_norm, silu_mul
 from flexllm.worker.finetune.lora_params import LoRAWeights
 
@@ -56,20 +57,41 @@ class ChunkInput:
     dropout: Dropout | None
 
 
-def project(module: LoRALinear, x: torch.Tensor, lora: LoRAWeights, layer: int, chunk: ChunkInput) -> LayerSteps:
-    """Frozen merged projection of x [n, in] (left to the driver) plus the LoRA deltas of its trained
-    slices -> [n, out]."""
-    y = yield module, x
-    pairs = lora.pairs(layer)
-    if not any(t in pairs for t in module.out_slices):
-        return y
-    parts = list(y.split([end - start for start, end in module.out_slices.values()], dim=-1))
-    for i, target in enumerate(module.out_slices):
-        if target in pairs:
-            a, b = pairs[target]
-            xd = x if chunk.dropout is None else chunk.dropout.apply(x, layer, target)
-            parts[i] = parts[i] + (xd @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * lora.scaling)
-    return torch.cat(parts, dim=-1)
+class ChunkBackend:
+    """Training's ``LayerBackend`` for one layer on one chunk: causal attention per sequence over its
+    earlier K/V (``k_past``, ``v_past`` [p, H_kv, D]) plus the chunk's own, kept in ``k``, ``v``
+    [n, H_kv, D]; the trainable LoRA deltas, with dropout; the pruned autograd functions."""
+
+    def __init__(self, chunk: ChunkInput, lora: LoRAWeights, layer: int, k_past: torch.Tensor, v_past: torch.Tensor):
+        self.chunk, self.scaling, self.layer = chunk, lora.scaling, layer
+        self.cos, self.sin = chunk.cos, chunk.sin
+        self.pairs = lora.pairs(layer)
+        self.k_past, self.v_past = k_past, v_past
+
+    silu_mul = staticmethod(silu_mul)
+
+    @staticmethod
+    def add_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        return rms_norm(x, weight, eps), x
+
+    def lora(self, module: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [n, out] plus the deltas of the module's trained targets (out of place: autograd)."""
+        if not any(t in self.pairs for t in module.out_slices):
+            return y
+        parts = list(module.split(y))
+        for i, target in enumerate(module.out_slices):
+            if target in self.pairs:
+                a, b = self.pairs[target]
+                xd = x if self.chunk.dropout is None else self.chunk.dropout.apply(x, self.layer, target)
+                parts[i] = parts[i] + (xd @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * self.scaling)
+        return torch.cat(parts, dim=-1)
+
+    def attention(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.k, self.v = k, v
+        return chunk_attention(q, k, v, self.k_past, self.v_past, self.chunk.runs, attn.scale, attn.sliding_window)
 
 
 def decoder_layer(
@@ -85,27 +107,9 @@ def decoder_layer(
 
     A generator whose frozen GEMMs are left to the driver: ``engine.fused.run_alone`` runs it on its
     own, ``run_fused`` next to the inference batch."""
-    block, args = model.layers[layer], model.args
-    attn, mlp = block.self_attn, block.mlp
-    n = x.shape[0]
-    h = rms_norm(x, block.input_layernorm, args.rms_norm_eps)
-    qkv = yield from project(attn.qkv_proj, h, lora, layer, chunk)
-    q, k, v = qkv.split(
-        [
-            args.num_heads * args.head_dim,
-            args.num_kv_heads * args.head_dim,
-            args.num_kv_heads * args.head_dim,
-        ],
-        dim=-1,
-    )
-    q = apply_rotary(q.view(n, args.num_heads, args.head_dim), chunk.cos, chunk.sin)
-    k = apply_rotary(k.view(n, args.num_kv_heads, args.head_dim), chunk.cos, chunk.sin)
-    v = v.view(n, args.num_kv_heads, args.head_dim)
-    o = chunk_attention(q, k, v, k_past, v_past, chunk.runs, attn.scale, attn.sliding_window).reshape(n, -1)
-    x = x + (yield from project(attn.o_proj, o, lora, layer, chunk))
-    h = rms_norm(x, block.post_attention_layernorm, args.rms_norm_eps)
-    gate_up = yield from project(mlp.gate_up_proj, h, lora, layer, chunk)
-    return x + (yield from project(mlp.down_proj, silu_mul(gate_up), lora, layer, chunk)), k, v
+    backend = ChunkBackend(chunk, lora, layer, k_past, v_past)
+    out, residual = yield from model.layers[layer].steps(x, None, backend)
+    return out + residual, backend.k, backend.v
 
 
 def loss_sum(model: CausalLM, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

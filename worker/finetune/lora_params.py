@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flexllm.worker.engine.model import CausalLM, LoRALinear
+from flexllm.worker.engine.lora_targets import peft_key
+from flexllm.worker.engine.model import CausalLM
 from flexllm.worker.finetune.spec import LoraSpec
-
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def target_modules(model: CausalLM, layer: int) -> list[LoRALinear]:
-    """The merged projections of one decoder layer, in forward order."""
-    block = model.layers[layer]
-    return [block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj]
-
-
-def peft_key(layer: int, target: str, which: str) -> str:
-    """PEFT's state-dict key, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
-    group = "self_attn" if target in ATTENTION_TARGETS else "mlp"
-    return f"base_model.model.model.layers.{layer}.{group}.{target}.lora_{which}.weight"
 
 
 class LoRAWeights(nn.Module):
@@ -42,17 +30,16 @@ class LoRAWeights(nn.Module):
         self.weights = nn.ParameterDict()
         device = model.embed_tokens.weight.device
         for layer in range(self.num_layers):
-            for module in target_modules(model, layer):
-                for target, (start, end) in module.out_slices.items():
-                    if target not in spec.target_modules:
-                        continue
-                    a = torch.empty(spec.rank, module.in_features)
-                    bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5))
-                    a.uniform_(-bound, bound, generator=generator)
-                    self.weights[self._name(layer, target, "A")] = nn.Parameter(a.to(device))
-                    self.weights[self._name(layer, target, "B")] = nn.Parameter(
-                        torch.zeros(end - start, spec.rank, device=device)
-                    )
+            for target in spec.target_modules:
+                module = model.projection(layer, target)
+                start, end = module.out_slices[target]
+                a = torch.empty(spec.rank, module.in_features)
+                bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5))
+                a.uniform_(-bound, bound, generator=generator)
+                self.weights[self._name(layer, target, "A")] = nn.Parameter(a.to(device))
+                self.weights[self._name(layer, target, "B")] = nn.Parameter(
+                    torch.zeros(end - start, spec.rank, device=device)
+                )
 
     @staticmethod
     def _name(layer: int, target: str, which: str) -> str:
@@ -67,22 +54,22 @@ class LoRAWeights(nn.Module):
     def layer_parameters(self, layer: int) -> list[nn.Parameter]:
         return [p for pair in self.pairs(layer).values() for p in pair]
 
+    def named_peft(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(PEFT's key, weight) of every trained weight."""
+        for layer in range(self.num_layers):
+            for target, pair in self.pairs(layer).items():
+                for which, w in zip("AB", pair, strict=True):
+                    yield peft_key(layer, target, which), w
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the weights under PEFT's keys (CPU tensors)."""
-        return {
-            peft_key(layer, t, which): w.detach().cpu().clone()
-            for layer in range(self.num_layers)
-            for t, pair in self.pairs(layer).items()
-            for which, w in zip("AB", pair, strict=True)
-        }
+        return {key: w.detach().cpu().clone() for key, w in self.named_peft()}
 
     @torch.no_grad()
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy PEFT-named weights in (every trained weight must be present)."""
-        for layer in range(self.num_layers):
-            for t, pair in self.pairs(layer).items():
-                for which, w in zip("AB", pair, strict=True):
-                    w.copy_(state[peft_key(layer, t, which)])
+        for key, w in self.named_peft():
+            w.copy_(state[key])
 
     def save_pretrained(self, folder: Path, base_model: str) -> None:
         """adapter_config.json + adapter_model.safetensors, loadable by ``peft.PeftModel.from_pretrained``."""
@@ -93,6 +80,7 @@ class LoRAWeights(nn.Module):
             r=self.spec.rank,
             lora_alpha=self.spec.alpha,
             lora_dropout=self.spec.dropout,
+            use_rslora=self.spec.use_rslora,
             target_modules=list(self.spec.target_modules),
             task_type="CAUSAL_LM",
             base_model_name_or_path=base_model,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from flexllm.worker.engine.lora_targets import LORA_TARGETS
+from flexllm.worker.engine.lora_targets import LORA_TARGETS, canonical_targets, lora_scaling
 from flexllm.worker.finetune.data import dataset_path
 
 
@@ -34,6 +34,7 @@ class LoraSpec(_Spec):
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    use_rslora: bool = False  # PEFT's use_rslora: scaling alpha / sqrt(rank) instead of alpha / rank
     target_modules: tuple[Literal[LORA_TARGETS], ...] = Field(
         default=("q_proj", "v_proj"), min_length=1, max_length=len(LORA_TARGETS))
 
@@ -42,14 +43,11 @@ class LoraSpec(_Spec):
     def _known_targets(cls, targets: Any) -> Any:
         if not isinstance(targets, list | tuple):
             return targets  # pydantic reports the type
-        unknown = sorted(set(targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ValueError(f"unsupported target modules {unknown}; supported: {list(LORA_TARGETS)}")
-        return tuple(t for t in LORA_TARGETS if t in targets)  # canonical order, no duplicates
+        return canonical_targets(targets)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
 
 class TrainingSpec(_Spec):

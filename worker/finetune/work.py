@@ -68,8 +68,7 @@ class Unit:
 
 def head_cost_in_layers(args: ModelArgs) -> float:
     """The LM head's weights over one decoder layer's: what the loss of one token costs, in layers."""
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    layer = args.hidden_size * (q + 2 * kv) + q * args.hidden_size + 3 * args.hidden_size * args.intermediate_size
+    layer = sum(i * o for i, o in args.target_features().values())
     return args.vocab_size * args.hidden_size / layer
 
 
