@@ -28,6 +28,7 @@ def peft_model(folder: Path, spec: LoraSpec):
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
+        use_rslora=spec.use_rslora,
         target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM",
     )

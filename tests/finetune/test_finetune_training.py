@@ -1,5 +1,6 @@
 """Optimizer steps match HF PEFT + torch optimizers; resume continues exactly; versions serve."""
 
+import json
 
 import pytest
 import torch
@@ -14,12 +15,13 @@ from flexllm.worker.finetune.work import whole_budget
 BUDGET = 16
 
 
-def job_spec(dataset, optimizer="adamw", steps=20) -> FinetuneJobSpec:
+def job_spec(dataset, optimizer="adamw", steps=20, use_rslora=False) -> FinetuneJobSpec:
     return FinetuneJobSpec.model_validate(
         {
             "inferenceService": "tiny",
             "dataset": {"source": f"file://{dataset}", "format": "prompt-completion"},
-            "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+            "lora": {"rank": 4, "alpha": 8, "useRslora": use_rslora,
+                     "targetModules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
             "training": {
                 "maxSteps": steps,
                 "learningRate": 2e-3 if optimizer == "adamw" else 0.5,
@@ -111,8 +113,6 @@ def test_sgd_steps_match_hf_peft(tiny_llama_dir, tmp_path):
 def test_versions_are_published_and_pruned(trained):
     runner = trained[3]
     assert runner.store.versions(runner.adapter) == [2, 3, 4]  # every 5 of 20 steps, keepVersions=3
-    import json
-
     meta = json.loads((runner.latest_folder() / "metadata.json").read_text())
     assert runner.latest_folder().name == "v4" and meta["step"] == 20 and meta["loss"] == pytest.approx(trained[4][-1])
     assert meta["tokens"] == runner.tokens > 0
@@ -130,20 +130,10 @@ def test_interrupted_run_resumes_exactly(trained, tiny_llama_dir, tmp_path):
         torch.testing.assert_close(weight, runner.lora.peft_state_dict()[key], rtol=1e-5, atol=1e-7)
 
 
-def test_published_version_serves_same_logits_in_peft_and_engine(trained, tiny_llama_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def served_logits(model, folder, ids: list[int]) -> torch.Tensor:
+    """The engine's serving forward of ``ids`` [n] with the adapter in ``folder`` -> logits [n, V]."""
     from flexllm.worker.engine.context import LoRABatch, StepContext
     from flexllm.worker.engine.lora import LoRAManager
-
-    model, tokenizer, _, runner, _, _ = trained
-    folder = runner.latest_folder()
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    peft = PeftModel.from_pretrained(base, folder).eval()
-    ids = tokenizer.encode("Question 7: what is 7 plus 2? The answer is")
-    with torch.no_grad():
-        expected = peft(input_ids=torch.tensor([ids])).logits[0]
 
     manager = LoRAManager(model, max_loras=2, max_lora_rank=8)
     manager.register("tiny-job@v4", folder)
@@ -163,7 +153,83 @@ def test_published_version_serves_same_logits_in_peft_and_engine(trained, tiny_l
         lora=LoRABatch(torch.full((n,), slot)),
     )
     with torch.no_grad():
-        served = model.compute_logits(model(torch.tensor(ids), ctx))
+        return model.compute_logits(model(torch.tensor(ids), ctx))
+
+
+def training_logits(model, lora, ids: list[int]) -> torch.Tensor:
+    """The training forward (the same decoder layer, its training backend) of ``ids`` [n] -> logits [n, V]."""
+    from flexllm.worker.engine.fused import run_alone
+    from flexllm.worker.finetune.functions import rms_norm
+    from flexllm.worker.finetune.layer import ChunkInput, decoder_layer
+
+    n, args = len(ids), model.args
+    chunk = ChunkInput(*model.rotary.cos_sin(torch.arange(n), torch.float32), [(0, 0, n)], None)
+    empty = torch.zeros(0, args.num_kv_heads, args.head_dim)
+    with torch.no_grad():
+        x = model.embed_tokens(torch.tensor(ids))
+        for layer in range(args.num_layers):
+            x, _, _ = run_alone(decoder_layer(model, lora, layer, x, chunk, empty, empty))
+        return model.compute_logits(rms_norm(x, model.norm, args.rms_norm_eps))
+
+
+def test_published_version_serves_same_logits_in_peft_and_engine(trained, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, _, runner, _, _ = trained
+    folder = runner.latest_folder()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, folder).eval()
+    ids = tokenizer.encode("Question 7: what is 7 plus 2? The answer is")
+    with torch.no_grad():
+        expected = peft(input_ids=torch.tensor([ids])).logits[0]
+
+    served = served_logits(model, folder, ids)
     torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), peft.disable_adapter():
+        assert not torch.allclose(peft(input_ids=torch.tensor([ids])).logits[0], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_scaling_is_one_rule_pefts(tiny_llama_dir, tmp_path, use_rslora):
+    """Training (LoraSpec) and serving (AdapterConfig) scale by ``lora_scaling``, which is PEFT's rule."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from flexllm.worker.engine.lora import AdapterConfig
+    from flexllm.worker.engine.lora_targets import lora_scaling
+    from flexllm.worker.finetune.spec import LoraSpec
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=9, lora_alpha=6, use_rslora=use_rslora, target_modules=["q_proj"]))
+    expected = peft.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    peft.save_pretrained(tmp_path)
+    spec = LoraSpec(rank=9, alpha=6, use_rslora=use_rslora, target_modules=("q_proj",))
+    assert lora_scaling(6, 9, use_rslora) == spec.scaling == AdapterConfig.read(tmp_path).scaling == expected
+    assert expected == (2.0 if use_rslora else 6 / 9)
+
+
+def test_rslora_job_trains_like_peft_and_serves_identically(tiny_llama_dir, tmp_path):
+    """An rsLoRA job: its steps match HF PEFT's with use_rslora; the adapter it publishes says so, and
+    its logits are the same in the training forward, in the engine's serving path and in PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job = job_spec(write_dataset(tmp_path / "data.jsonl"), optimizer="sgd", steps=4, use_rslora=True)
+    model, tokenizer = engine_model(tiny_llama_dir)
+    runner = FinetuneRunner(model, tokenizer, job, tmp_path / "adapters", "rs-job", base_model=str(tiny_llama_dir))
+    assert runner.lora.scaling == 4.0  # alpha 8 / sqrt(rank 4), not 8 / 4
+    reference = hf_reference_losses(tiny_llama_dir, job, tokenizer, runner.lora)
+    assert run_collecting_losses(runner) == pytest.approx(reference, rel=1e-3)
+
+    folder = runner.latest_folder()
+    assert json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
+    ids = tokenizer.encode("Question 7: what is 7 plus 2? The answer is")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), folder)
+    with torch.no_grad():
+        expected = peft.eval()(input_ids=torch.tensor([ids])).logits[0]
+    trained_here = training_logits(model, runner.lora, ids)
+    torch.testing.assert_close(trained_here, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(served_logits(model, folder, ids), trained_here, rtol=1e-4, atol=1e-4)
     with torch.no_grad(), peft.disable_adapter():
         assert not torch.allclose(peft(input_ids=torch.tensor([ids])).logits[0], expected, atol=1e-3)
