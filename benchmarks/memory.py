@@ -35,6 +35,7 @@ from job_memory import job_memory
 
 from flexllm.worker.engine.fused import run_alone
 from flexllm.worker.engine.llm_engine import build_model
+from flexllm.worker.engine.lora_targets import LORA_TARGETS
 from flexllm.worker.engine.model import CausalLM, ModelArgs
 from flexllm.worker.finetune.data import TrainingSequence
 from flexllm.worker.finetune.layer import ChunkInput, decoder_layer, loss_sum
@@ -44,7 +45,7 @@ from flexllm.worker.finetune.work import BatchWork
 
 TARGETS = {
     "qv": ("q_proj", "v_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "all": LORA_TARGETS,
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

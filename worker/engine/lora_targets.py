@@ -7,22 +7,18 @@ from __future__ import annotations
 import math
 import re
 
-# target -> (its block in a decoder layer, as Hugging Face names it; the engine's merged projection
-# holding it, the targets' output slices in this order)
-TARGETS = {
-    "q_proj": ("self_attn", "qkv_proj"),
-    "k_proj": ("self_attn", "qkv_proj"),
-    "v_proj": ("self_attn", "qkv_proj"),
-    "o_proj": ("self_attn", "o_proj"),
-    "gate_proj": ("mlp", "gate_up_proj"),
-    "up_proj": ("mlp", "gate_up_proj"),
-    "down_proj": ("mlp", "down_proj"),
+# a decoder layer's blocks (Hugging Face's names) -> the engine's merged projections -> the targets
+# each holds, its output slices in this order
+LAYOUT = {
+    "self_attn": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",)},
+    "mlp": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
 }
+MERGED = {merged: targets for projections in LAYOUT.values() for merged, targets in projections.items()}
+# target -> (its block, its merged projection)
+TARGETS = {t: (block, merged) for block, merges in LAYOUT.items() for merged, ts in merges.items() for t in ts}
 LORA_TARGETS = tuple(TARGETS)
-# merged projection -> the targets it holds, e.g. "qkv_proj" -> ("q_proj", "k_proj", "v_proj")
-MERGED = {merged: tuple(t for t, (_, m) in TARGETS.items() if m == merged) for _, merged in TARGETS.values()}
 
-_PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight$")  # layer, block, target, A/B
 
 
 def canonical_targets(targets: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -41,7 +37,7 @@ def peft_key(layer: int, target: str, which: str) -> str:
 def parse_peft_key(key: str) -> tuple[int, str, str]:
     """``peft_key``'s inverse -> (layer, target, "A" or "B"); ``ValueError`` for any other key."""
     match = _PEFT_KEY.search(key)
-    if match is None or TARGETS.get(match[3], ("",))[0] != match[2]:
+    if match is None or TARGETS.get(match[3], (None,))[0] != match[2]:
         raise ValueError(f"unexpected weight {key!r}: not a LoRA weight of {', '.join(LORA_TARGETS)}")
     return int(match[1]), match[3], match[4]
 
