@@ -132,10 +132,10 @@ class LoRAManager:
                 module.lora_scaling[target][slot] = config.scaling if target in config.target_modules else 0.0
         r = config.rank
         for key, tensor in weights.items():
-            try:
-                layer, target, which = parse_peft_key(key)
-            except ValueError as e:
-                raise ValueError(f"adapter {name!r}: {e}") from None
+            parsed = parse_peft_key(key)
+            if parsed is None:
+                raise ValueError(f"adapter {name!r}: unexpected weight {key!r}")
+            layer, target, which = parsed
             module = self.targets[target][layer]
             if which == "A":  # [r, in]
                 module.lora_a[target][slot, :r].copy_(tensor)

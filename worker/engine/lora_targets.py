@@ -34,11 +34,11 @@ def peft_key(layer: int, target: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{TARGETS[target][0]}.{target}.lora_{which}.weight"
 
 
-def parse_peft_key(key: str) -> tuple[int, str, str]:
-    """``peft_key``'s inverse -> (layer, target, "A" or "B"); ``ValueError`` for any other key."""
+def parse_peft_key(key: str) -> tuple[int, str, str] | None:
+    """``peft_key``'s inverse -> (layer, target, "A" or "B"); None for any other key."""
     match = _PEFT_KEY.search(key)
     if match is None or TARGETS.get(match[3], (None,))[0] != match[2]:
-        raise ValueError(f"unexpected weight {key!r}: not a LoRA weight of {', '.join(LORA_TARGETS)}")
+        return None
     return int(match[1]), match[3], match[4]
 
 

@@ -67,6 +67,7 @@ class ChunkBackend:
         self.cos, self.sin = chunk.cos, chunk.sin
         self.pairs = lora.pairs(layer)
         self.k_past, self.v_past = k_past, v_past
+        self.k = self.v = torch.empty(0)  # the chunk's own K/V [n, H_kv, D], set by ``attention``
 
     silu_mul = staticmethod(silu_mul)
 
@@ -94,15 +95,8 @@ class ChunkBackend:
         return chunk_attention(q, k, v, self.k_past, self.v_past, self.chunk.runs, attn.scale, attn.sliding_window)
 
 
-def decoder_layer(
-    model: CausalLM,
-    lora: LoRAWeights,
-    layer: int,
-    x: torch.Tensor,
-    chunk: ChunkInput,
-    k_past: torch.Tensor,
-    v_past: torch.Tensor,
-) -> LayerSteps:
+def decoder_layer(model: CausalLM, lora: LoRAWeights, layer: int, x: torch.Tensor, chunk: ChunkInput,
+                  k_past: torch.Tensor, v_past: torch.Tensor) -> LayerSteps:
     """x [n, H] (residual stream) -> (out [n, H], k [n, H_kv, D], v [n, H_kv, D]).
 
     A generator whose frozen GEMMs are left to the driver: ``engine.fused.run_alone`` runs it on its
