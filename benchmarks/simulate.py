@@ -29,8 +29,9 @@ from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.coserve.policy import SLO, InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
+from flexllm.worker.engine.llm_engine import RiderPlan, inference_demand
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
@@ -94,6 +95,13 @@ class SimEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def demand(self, now: float, slo: SLO) -> InferenceDemand:
+        return inference_demand([*self.scheduler.running, *self.scheduler.waiting], now, slo)
+
+    def step(self, token_budget: int | None = None, riders: RiderPlan | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule(token_budget)
+        return self.execute(batch, list(riders(batch)) if riders is not None else [])
+
     def execute(self, batch: ScheduledBatch, riders: list[SimUnit] = ()) -> list[RequestOutput]:
         """Price the fused iteration (forward units ride the inference forward; backward units and,
         with no inference rows, every unit run a pass of their own), then advance the sequences."""
@@ -131,7 +139,7 @@ class SimEngine:
             self.add_request(f"gen-{self.clock.now()}-{i}", prompt, params)
         done = []
         while self.has_unfinished_requests():
-            done += [o for o in self.execute(self.scheduler.schedule()) if o.finished]
+            done += [o for o in self.step() if o.finished]
         return done
 
 

@@ -14,10 +14,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
 from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand, WeightedShare
-from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.engine.llm_engine import LLMEngine, RidersFailed
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.engine.scheduler import ScheduledBatch
@@ -64,6 +65,17 @@ class JobWork:
             self.loss = work.loss
         if work.version is not None:
             self.version = work.version
+
+
+@dataclass
+class FinetunePlan:
+    """The fine-tuning part of one iteration, planned once its inference batch is scheduled."""
+
+    shape: IterationShape = field(default_factory=IterationShape)  # the scheduled inference
+    alone: bool = True  # no inference rows: the units run on their own
+    budget: int = 0  # fine-tuning tokens the inference leaves time for
+    shares: dict[str, int] = field(default_factory=dict)  # job -> its share of ``budget``
+    units: dict[str, Unit] = field(default_factory=dict)  # job -> its unit riding the forward
 
 
 @dataclass
@@ -150,43 +162,26 @@ class CoServingEngine:
         self.latency.coef[3:6] = [per_token, 2 * per_token, per_pass]
         log.info("latency model: %s", self.latency.coef)
 
-    def demand(self, now: float) -> InferenceDemand:
-        decodes = ctx = prefill = 0
-        ttft_slack = tpot_slack = float("inf")
-        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining == 1 and seq.num_output_tokens > 0:
-                decodes += 1
-                ctx += seq.num_tokens
-            else:
-                prefill += remaining
-            if seq.first_token_time is None:
-                ttft_slack = min(ttft_slack, seq.arrival_time + self.slo.ttft_s - now)
-            else:  # on pace while token k+1 is out by first_token_time + k * TPOT
-                pace = seq.first_token_time + self.slo.tpot_s * seq.num_output_tokens
-                tpot_slack = min(tpot_slack, pace - now)
-        return InferenceDemand(decodes, ctx, prefill, ttft_slack, tpot_slack)
-
     def step(self) -> IterationResult:
         began = self.clock()
-        demand = self.demand(began)
+        demand = self.engine.demand(began, self.slo)
         active = self.active_jobs()
         budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
-        batch = self.engine.scheduler.schedule(budget) if budget > 0 else ScheduledBatch()
-        shape = _inference_shape(batch)
-        ft_budget, shares = self._finetune_shares(shape, demand, active)
-        units = {}
-        for name, tokens in shares.items():
-            unit = self._guarded(name, active[name].runner.plan_work, tokens) if tokens > 0 else None
-            if unit is not None:
-                units[name] = unit
-        outputs = self._execute(batch, units)
-        finetune = {name: self._finish(name, active[name].runner, unit, shares[name], alone=not batch.seqs)
-                    for name, unit in units.items()}
+        plan = FinetunePlan()
+        try:
+            outputs = self.engine.step(budget, partial(self._plan_riders, plan, demand, active))
+        except RidersFailed as failure:  # fine-tuning work broke the fused forward: its jobs fail
+            log.error("fused iteration failed; failing jobs %s", sorted(plan.units), exc_info=failure.error)
+            for name in plan.units:
+                self._fail(name, failure.error)
+            plan.units.clear()
+            outputs = failure.outputs
+        finetune = {name: self._finish(name, active[name].runner, unit, plan.shares[name], plan.alone)
+                    for name, unit in plan.units.items()}
         fwd = sum(w.forward_tokens for w in finetune.values())
         bwd = sum(w.backward_tokens for w in finetune.values())
         units_run = sum(w.units for w in finetune.values())
-        shape = IterationShape(shape.inference_tokens, shape.decode_context_tokens, fwd, bwd, units_run)
+        shape = IterationShape(plan.shape.inference_tokens, plan.shape.decode_context_tokens, fwd, bwd, units_run)
         now = self.clock()
         seconds = now - began
         if shape != IterationShape():
@@ -194,15 +189,23 @@ class CoServingEngine:
         for out in outputs:
             if out.finished:
                 self.slo_tracker.record(out, now)
-        return IterationResult(outputs, finetune, shape, seconds, ft_budget)
+        return IterationResult(outputs, finetune, shape, seconds, plan.budget)
 
-    def _finetune_shares(self, shape: IterationShape, demand: InferenceDemand, active: dict[str, Job]):
-        """-> (the fine-tuning budget left after the scheduled inference, each job's share of it)."""
-        if not active:
-            return 0, {}
-        kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
-        budget = self.scheduler.finetune_budget(shape, kind, idle=demand.idle)
-        return budget, self.share.split(budget, {name: job.weight for name, job in active.items()})
+    def _plan_riders(self, plan: FinetunePlan, demand: InferenceDemand, active: dict[str, Job],
+                     batch: ScheduledBatch) -> list[Unit]:
+        """Once the inference batch is scheduled: the fine-tuning budget its time leaves, each job's share
+        of it, and each job's unit for that share (recorded in ``plan``)."""
+        plan.shape = _inference_shape(batch)
+        plan.alone = not batch.seqs
+        if active:
+            kind = "finetune_backward_tokens" if _next_is_backward(active) else "finetune_forward_tokens"
+            plan.budget = self.scheduler.finetune_budget(plan.shape, kind, idle=demand.idle)
+            plan.shares = self.share.split(plan.budget, {name: job.weight for name, job in active.items()})
+        for name, tokens in plan.shares.items():
+            unit = self._guarded(name, active[name].runner.plan_work, tokens) if tokens > 0 else None
+            if unit is not None:
+                plan.units[name] = unit
+        return list(plan.units.values())
 
     def _finish(self, name: str, runner: FinetuneRunner, unit: Unit, share: int, alone: bool) -> JobWork:
         """Backpropagate a job's unit once the forward ran; with no inference batch (``alone``), more
@@ -215,19 +218,6 @@ class CoServingEngine:
                 self._guarded(name, _spend, runner, share - done.tokens, work)
         self.share.charge(name, work.tokens)
         return work
-
-    def _execute(self, batch: ScheduledBatch, units: dict[str, Unit]) -> list[RequestOutput]:
-        """The fused forward. Should fine-tuning work break it, its jobs fail and inference runs alone."""
-        try:
-            return self.engine.execute(batch, list(units.values()))
-        except Exception as error:
-            if not units:
-                raise
-            log.exception("fused iteration failed; failing jobs %s", sorted(units))
-            for name in list(units):
-                self._fail(name, error)
-                del units[name]
-            return self.engine.execute(batch) if batch.seqs else []
 
     def _guarded(self, name: str, fn, *args):
         """Run one job's work; a failure (e.g. its data) fails that job only, never the loop."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from flexllm.worker.coserve.policy import SLO, InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.fused import Rider, run_rider
@@ -24,6 +26,15 @@ from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
 from flexllm.worker.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+RiderPlan = Callable[[ScheduledBatch], Seq[Rider]]  # a scheduled batch -> the fine-tuning work to fuse into it
+
+
+class RidersFailed(Exception):
+    """A forward with fine-tuning riders fused in failed; the batch then ran alone: its ``outputs``."""
+
+    def __init__(self, error: Exception, outputs: list[RequestOutput]):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error, self.outputs = error, outputs
 
 
 def build_model(source: str, dtype: torch.dtype, device: torch.device):
@@ -110,9 +121,23 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self, token_budget: int | None = None) -> list[RequestOutput]:
-        """Schedule, run one forward, sample: outputs for every request that advanced."""
-        return self.execute(self.scheduler.schedule(token_budget))
+    # -- co-serving: what the coming iteration asks for, and a step with fine-tuning riders -----
+    def demand(self, now: float, slo: SLO) -> InferenceDemand:
+        """The inference work the unfinished requests want from the coming iteration, and their SLO slack."""
+        return inference_demand(self.requests.values(), now, slo)
+
+    def step(self, token_budget: int | None = None, riders: RiderPlan | None = None) -> list[RequestOutput]:
+        """Schedule up to ``token_budget`` tokens, run one forward with the fine-tuning work ``riders`` plans
+        for that batch fused in, sample: outputs for every request that advanced. Should the fused forward
+        fail, the batch runs again alone and ``RidersFailed`` carries its outputs."""
+        batch = self.scheduler.schedule(token_budget)
+        planned = list(riders(batch)) if riders is not None else []
+        try:
+            return self.execute(batch, planned)
+        except Exception as error:
+            if not planned:
+                raise
+            raise RidersFailed(error, self.execute(batch)) from error
 
     def execute(self, batch: ScheduledBatch, riders: Seq[Rider] = ()) -> list[RequestOutput]:
         """Run one scheduled batch (from ``scheduler.schedule``), fine-tuning ``riders`` fused into its
@@ -229,6 +254,25 @@ class LLMEngine:
                         final[out.request_id] = out
                         bar.update(1)
         return [final[rid] for rid in ids]
+
+
+def inference_demand(seqs: Iterable[Sequence], now: float, slo: SLO) -> InferenceDemand:
+    """What unfinished sequences want from the next iteration (``now`` on their arrival clock)."""
+    decodes = ctx = prefill = 0
+    ttft_slack = tpot_slack = float("inf")
+    for seq in seqs:
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining == 1 and seq.num_output_tokens > 0:
+            decodes += 1
+            ctx += seq.num_tokens
+        else:
+            prefill += remaining
+        if seq.first_token_time is None:
+            ttft_slack = min(ttft_slack, seq.arrival_time + slo.ttft_s - now)
+        else:  # on pace while token k+1 is out by first_token_time + k * TPOT
+            pace = seq.first_token_time + slo.tpot_s * seq.num_output_tokens
+            tpot_slack = min(tpot_slack, pace - now)
+    return InferenceDemand(decodes, ctx, prefill, ttft_slack, tpot_slack)
 
 
 def _eos_ids(tokenizer, hf_config) -> set[int]:
