@@ -1,8 +1,8 @@
-"""The serving loop: Redis request stream -> ``engine.step()`` -> per-request output streams.
+"""The serving loop: Redis request stream -> co-serving step -> per-request output streams.
 
-One ``ServingLoop`` per engine (replica). ``run_once`` is one iteration; ``engine_step`` hands it to
-the job handler (``coserve.jobs``), whose co-serving step fuses fine-tuning work into the inference
-forward, or runs inference alone without one.
+One ``ServingLoop`` per engine (replica); it owns the iteration. ``run_once`` is one: take new jobs
+(``coserve.jobs``) and requests, then one ``CoServingEngine.step`` that fuses the jobs' fine-tuning
+work into the inference forward, then stream what it produced and record what the jobs did.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.lora import UnknownAdapterError
 from flexllm.worker.engine.outputs import RequestOutput
+from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.metrics import Metrics
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, with_backoff
-from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue
-from flexllm.worker.queue.messages import OutputChunk
+from flexllm.worker.queue.messages import OutputChunk, TokenLogprob
 from flexllm.worker.queue.requests import ClaimedRequest, RequestConsumer
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,11 @@ class ServingLoop:
     iteration that fails as a whole fails the requests in the engine. ``max_failures`` failed
     iterations in a row, or Redis unreachable for ``redis_outage_s``, raise ``EngineBroken``."""
 
-    def __init__(self, engine: LLMEngine, requests: RequestConsumer, adapters: AdapterSync | None = None,
-                 jobs: JobIntake | None = None, metrics: Metrics | None = None, idle_block_ms: int = 100,
+    def __init__(self, coserve: CoServingEngine, requests: RequestConsumer, adapters: AdapterSync | None = None,
+                 jobs: CoServingJobs | None = None, metrics: Metrics | None = None, idle_block_ms: int = 100,
                  housekeeping_s: float = 0.25, max_failures: int = 3, redis_outage_s: float = 30.0):
-        self.engine, self.requests, self.adapters, self.jobs = engine, requests, adapters, jobs
+        self.coserve, self.engine = coserve, coserve.engine
+        self.requests, self.adapters, self.jobs = requests, adapters, jobs
         self.metrics = metrics
         self.idle_block_ms, self.housekeeping_s = idle_block_ms, housekeeping_s
         self.max_failures, self.redis_outage_s = max_failures, redis_outage_s
@@ -92,17 +93,15 @@ class ServingLoop:
         Handed back = left pending in the stream, idle, so another engine reclaims it at once: a request
         resumes after the tokens already streamed, a job from its latest version.
         """
-        handler = self.jobs.handler if self.jobs is not None else None
         deadline = time.monotonic() + drain_s
         try:
-            if handler is not None:
-                handler.drain()
-            while (self.active or self.outbox or (handler is not None and handler.has_work())) \
-                    and time.monotonic() < deadline:
+            if self.jobs is not None:
+                self.jobs.drain()
+            while (self.active or self.outbox or self.coserve.has_work()) and time.monotonic() < deadline:
                 self.drain_once()
             self.hand_back()
-            if handler is not None:
-                handler.hand_back()
+            if self.jobs is not None:
+                self.jobs.hand_back()
         except TRANSIENT_ERRORS as error:  # what is in flight stays pending: reclaimed after the idle time
             log.error("Redis unreachable while draining (%s): in-flight work is left for reclaim", error)
 
@@ -136,7 +135,7 @@ class ServingLoop:
             self.adapters.reconcile()
         if self.jobs is not None:
             self.jobs.poll()
-        busy = self.engine.has_unfinished_requests() or (self.jobs is not None and self.jobs.handler.has_work())
+        busy = self.coserve.has_work()
         held = [a.entry_id for a in self.active.values()]
         for claimed in self.requests.claim(self.engine.config.max_num_seqs - len(self.active),
                                            0 if busy else self.idle_block_ms, held):
@@ -167,14 +166,13 @@ class ServingLoop:
         return outputs
 
     def engine_step(self) -> list[RequestOutput]:
-        """One iteration: the job handler's co-serving step, or inference alone without one."""
+        """One co-serving iteration; the jobs then record what they did in it."""
+        result = self.coserve.step()
         if self.jobs is not None:
-            outputs = self.jobs.handler.step()
-        else:
-            outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        if outputs and self.metrics is not None:
+            self.jobs.record(result)
+        if result.outputs and self.metrics is not None:
             self.metrics.engine_steps.inc()
-        return outputs
+        return result.outputs
 
     # -- requests ---------------------------------------------------------------------------
     def start(self, claimed: ClaimedRequest) -> None:
@@ -192,7 +190,7 @@ class ServingLoop:
             resumed = [t for chunk in emitted for t in chunk.token_ids]
             log.info("resuming request %s after %d streamed tokens", rid, len(resumed))
         try:
-            params = request.sampling_params()
+            params = SamplingParams(**request.params)
             if resumed:
                 params = replace(params, max_tokens=params.max_tokens - len(resumed))
             if request.lora is not None and self.adapters is not None:
@@ -237,8 +235,7 @@ class ServingLoop:
             if out.error is not None:
                 chunk = OutputChunk.failure(500, "InternalServerError", f"the request failed: {out.error}")
             else:
-                chunk = OutputChunk.from_output(out, active.prompt_tokens, active.resumed_tokens,
-                                                active.want_logprobs)
+                chunk = output_chunk(out, active)
             self.outbox.append((out.request_id, active.chunks, chunk))
             active.chunks += 1
             if self.metrics is not None:
@@ -272,6 +269,18 @@ class ServingLoop:
             self.done.append(self.active.pop(rid).entry_id)
             log.info("request %s aborted: the client went away", rid)
         self.requests.heartbeat([a.entry_id for a in self.active.values()])
+
+
+def output_chunk(out: RequestOutput, active: ActiveRequest) -> OutputChunk:
+    """An engine output -> the request's next chunk (its tokens counted after those an earlier, dead
+    consumer streamed)."""
+    logprobs = None
+    if active.want_logprobs:
+        new = out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
+        logprobs = [TokenLogprob(t.token_id, t.logprob, t.top_logprobs) for t in new]
+    return OutputChunk(text=out.delta_text, token_ids=list(out.delta_token_ids), logprobs=logprobs,
+                       finished=out.finished, finish_reason=out.finish_reason, prompt_tokens=active.prompt_tokens,
+                       completion_tokens=active.resumed_tokens + len(out.token_ids))
 
 
 @dataclass
@@ -320,11 +329,10 @@ class EngineWorker:
         coserve = CoServingEngine(engine, opts.slo, opts.policy, opts.max_finetune_tokens)
         coserve.profile()
         queue = JobQueue(client, opts.service, opts.max_deliveries)
-        handler = CoServingJobs(queue, coserve, AdapterPublisher(store, registry), consumer, self.metrics,
-                                [Path(d).resolve() for d in opts.data_dirs])
-        jobs = JobIntake(queue, consumer, handler, self.parse_spec, opts.reclaim_idle_ms)
+        jobs = CoServingJobs(queue, coserve, AdapterPublisher(store, registry), consumer, self.parse_spec,
+                             self.metrics, [Path(d).resolve() for d in opts.data_dirs], opts.reclaim_idle_ms)
         requests = RequestConsumer(client, opts.service, consumer, opts.reclaim_idle_ms, opts.max_deliveries)
-        loop = ServingLoop(engine, requests, adapters, jobs, self.metrics, redis_outage_s=opts.redis_outage_s)
+        loop = ServingLoop(coserve, requests, adapters, jobs, self.metrics, redis_outage_s=opts.redis_outage_s)
         adapters.start()
         log.info("engine loop %s serving %s (service %s)", consumer, engine.model_path, opts.service)
         if self.on_ready is not None:

@@ -150,12 +150,6 @@ class RecordingJobHandler:
     def held_entries(self):
         return []
 
-    def has_work(self):
-        return False
-
-    def step(self):
-        return []
-
 
 def stream_completion(base_url: str, prompt: str, max_tokens: int, first_token: threading.Event) -> str:
     """A greedy streamed completion (ignore_eos) through the OpenAI SDK; sets ``first_token`` on the first one."""

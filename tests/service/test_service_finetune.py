@@ -14,7 +14,18 @@ import httpx
 import pytest
 
 from flexllm.worker import protocol
+from flexllm.worker.adapters.publisher import AdapterPublisher
+from flexllm.worker.adapters.registry import AdapterRegistry
+from flexllm.worker.adapters.store import AdapterStore
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.jobs import CoServingJobs
+from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.engine.llm_engine import LLMEngine
+from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+from flexllm.worker.queue.messages import InferenceRequest
+from flexllm.worker.queue.requests import RequestConsumer
+from flexllm.worker.serving import ServingLoop
 
 from .conftest import unique_service
 
@@ -103,3 +114,64 @@ def test_killed_worker_mid_job_is_resumed_from_the_last_version(tiny_llama_dir, 
                 proc.wait(timeout=60)
     steps = [v["step"] for v in versions(redis_client, service, "resumable")]
     assert steps == list(range(3, 31, 3)), f"a version was trained twice or skipped: {steps}"
+
+
+def stream_gaps(loop, redis_client, service: str, request_id: str, tokens: int, after_iteration=None) -> list[tuple]:
+    """Stream one greedy request for ``tokens`` tokens through ``loop`` (its iterations run here): for each of
+    its tokens after the first, (when it came, the gap since the previous one, what ``after_iteration(tokens
+    so far)`` returned after the iteration that made it)."""
+    request = InferenceRequest(request_id, [101] * 8, {"max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+    redis_client.xadd(protocol.request_stream(service), {"data": request.to_json()})
+    times, tags = [], []
+    deadline = time.monotonic() + 120
+    while not times or request_id in loop.active:
+        assert time.monotonic() < deadline, "the stream did not finish"
+        outputs = [out for out in loop.run_once() if out.request_id == request_id]
+        tag = after_iteration(len(times) + len(outputs)) if after_iteration is not None else None
+        times += [time.monotonic()] * len(outputs)
+        tags += [tag] * len(outputs)
+    return [(t, t - before, tag) for before, t, tag in zip(times, times[1:], tags[1:])]
+
+
+def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_llama_dir, redis_client, tmp_path):
+    """Accepting a job reads and counts its whole dataset (no maxSteps: its length sets the steps); that
+    happens on a builder thread, so a running stream keeps its pace: the longest gap between its tokens
+    while the job is prepared is bounded by the longest gap without a job (plus noise on a shared
+    machine), far below the preparation time that a build on the engine thread would stall it for."""
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}? " * 3,
+                                       "completion": f" It is {2 * i}."}) + "\n" for i in range(4000)))
+    service = unique_service()
+    engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=256, num_kv_blocks=64)
+    coserve = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=1.0))
+    queue = JobQueue(redis_client, service)
+    store = AdapterStore(tmp_path / "adapters")
+    jobs = CoServingJobs(queue, coserve, AdapterPublisher(store, AdapterRegistry(redis_client, service)), "engine-a",
+                         FinetuneJobSpec.model_validate, data_roots=[tmp_path])
+    loop = ServingLoop(coserve, RequestConsumer(redis_client, service, "engine-a"), jobs=jobs, idle_block_ms=20)
+    loop.requests.ensure_group()
+    queue.ensure_group()
+    alone = max(gap for _, gap, _ in stream_gaps(loop, redis_client, service, "alone", 40))
+
+    spec = job_spec(big, max_steps=1, every=1)
+    spec["training"] = {"epochs": 1, "learningRate": 0.01, "batchTokens": 64, "maxSeqLen": 64}
+
+    def preparing(tokens: int) -> bool:
+        """Submit the job after 5 tokens; True while it is being prepared (the iteration did no training)."""
+        if tokens >= 5 and not queue.progress("big"):
+            queue.submit(JobSubmission("big", "default", spec))
+        return "big" in jobs.builds
+
+    during = [(t, gap) for t, gap, tag in stream_gaps(loop, redis_client, service, "beside", 100, preparing) if tag]
+    assert len(during) >= 5, "the stream stalled while the job was prepared, or the dataset is too small"
+    longest, prepared_s = max(gap for _, gap in during), during[-1][0] - during[0][0]
+    print(f"longest gap: alone {alone:.3f} s, while preparing the job {longest:.3f} s "
+          f"({len(during)} tokens in {prepared_s:.2f} s of preparation)")
+    assert prepared_s > 1.0, "the dataset is too small to show anything"
+    assert longest < min(3 * alone + 0.25, prepared_s / 3)
+    deadline = time.monotonic() + 120
+    while "big" not in coserve.jobs:  # the job starts once prepared, with the steps its dataset makes
+        assert time.monotonic() < deadline, "the job did not start"
+        loop.run_once()
+    assert coserve.jobs["big"].runner.total_steps > 1
+    jobs.hand_back()

@@ -20,6 +20,8 @@ from flexllm.worker.adapters.registry import AdapterRegistry
 from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.api.app import ApiConfig, create_app
 from flexllm.worker.cli import main as cli_main
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.queue.deadletter import dead_letters
@@ -181,8 +183,8 @@ def test_a_poison_request_is_dead_lettered_after_max_deliveries_across_two_consu
         wait_until(lambda: redis_client.exists(stream) and redis_client.xlen(stream) == 1, 30, "the request")
         for attempt, name in enumerate(["engine-a", "engine-b", "engine-a", "engine-b"], start=1):
             engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=256, num_kv_blocks=64)
-            loop = ServingLoop(engine, RequestConsumer(redis_client, service, name, reclaim_idle_ms=200),
-                               idle_block_ms=50)
+            loop = ServingLoop(CoServingEngine(engine, SLO()),
+                               RequestConsumer(redis_client, service, name, reclaim_idle_ms=200), idle_block_ms=50)
             loop.requests.ensure_group()
             wait_until(took_or_dropped, 30, f"delivery {attempt}", loop, redis_client, stream)
             if attempt <= protocol.MAX_DELIVERIES:
@@ -232,7 +234,8 @@ def test_one_failed_iteration_is_survived_repeated_ones_stop_the_loop(tiny_llama
     service = unique_service()
     stream = protocol.request_stream(service)
     engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=128, num_kv_blocks=16)
-    loop = ServingLoop(engine, RequestConsumer(redis_client, service, "engine-a"), idle_block_ms=20)
+    loop = ServingLoop(CoServingEngine(engine, SLO()), RequestConsumer(redis_client, service, "engine-a"),
+                       idle_block_ms=20)
     def clobber() -> None:
         redis_client.delete(stream)
         redis_client.set(stream, "clobbered")

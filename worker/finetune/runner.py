@@ -5,7 +5,10 @@ does one unit of the current micro-batch (its sequences packed into one stream, 
 forward or backward; when the step's last micro-batch finishes
 backward the optimizer steps, and every
 ``publish.everySteps`` steps (and at the end) a new adapter version is written with the
-checkpoint (optimizer, schedule, step, data position, RNG) needed to resume exactly there.
+checkpoint (optimizer, schedule, step, data position) needed to resume exactly there.
+Nothing here draws from torch's global RNG, which unseeded sampling of other users' requests uses:
+the LoRA init has its own generator seeded by ``training.seed``, dropout masks are a hash of
+(seed, step, sequence) keys, and the data is read in file order, so a checkpoint needs no RNG state.
 The loss of a step is the mean cross-entropy over all loss tokens of its
 ``gradientAccumulation`` micro-batches (each up to ``batchTokens`` tokens).
 """
@@ -99,7 +102,6 @@ class FinetuneRunner:
         self._step_tokens = 0
         self._began = 0.0  # when the unit in progress was planned
         self.hold_at_step_boundary = False  # stopping: plan nothing of a next step (``at_step_boundary``)
-        torch.manual_seed(training.seed)
         if resume and self.latest_folder() is not None:
             self.resume()
 
@@ -217,7 +219,6 @@ class FinetuneRunner:
             "data_stats": asdict(self.stream.stats),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -225,7 +226,6 @@ class FinetuneRunner:
         self.busy_seconds = state["busy_seconds"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
         stream = self.stream
         self.stream = SequenceStream(
             stream.path,

@@ -1,4 +1,6 @@
-"""FinetuneJob intake on an engine loop: read the job stream, validate, hand jobs to a ``JobHandler``."""
+"""FinetuneJob intake on an engine loop: read the job stream, validate, hand jobs to a ``JobHandler``.
+
+Queue-side only: no engine, co-serving or torch import (``flexllm.worker.coserve.jobs`` trains the jobs)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from flexllm.worker import protocol
-from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 
@@ -15,26 +16,14 @@ log = logging.getLogger(__name__)
 
 
 class JobHandler(Protocol):
-    """Owns the serving iteration and the jobs trained in it (``flexllm.worker.coserve.jobs``)."""
+    """Takes the valid jobs (``flexllm.worker.coserve.jobs.CoServingJobs`` trains them)."""
 
     def accept(self, job: JobSubmission, spec: Any, entry_id: str) -> bool:
         """Take a validated job; its stream entry ``entry_id`` is acknowledged when the job ends. False if
         the job failed to start (its progress says why): the caller acknowledges the entry."""
 
     def held_entries(self) -> list[str]:
-        """The stream entries of the jobs it trains (not yet ended)."""
-
-    def has_work(self) -> bool:
-        """True while a job wants engine iterations (the loop then never blocks waiting for requests)."""
-
-    def step(self) -> list[RequestOutput]:
-        """One iteration: inference and fine-tuning work together."""
-
-    def drain(self) -> None:
-        """Stopping: hand each job back once it reaches a step boundary (checkpointed there)."""
-
-    def hand_back(self) -> None:
-        """Leave the jobs still held to another replica (they resume from their latest version)."""
+        """The stream entries of the jobs it holds (preparing or training, not yet ended)."""
 
 
 class JobIntake:

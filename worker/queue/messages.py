@@ -1,4 +1,4 @@
-"""What travels through the request and output streams (JSON in the ``data`` field)."""
+"""What travels through the request and output streams (JSON in the ``data`` field); no engine types."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from flexllm.worker.engine.outputs import RequestOutput
-from flexllm.worker.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -20,9 +17,6 @@ class InferenceRequest:
     params: dict[str, Any]  # SamplingParams fields
     lora: str | None = None  # a concrete adapter version name@vN, or None for the base model
     arrival_time: float = field(default_factory=time.time)
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.params)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -55,18 +49,6 @@ class OutputChunk:
     @classmethod
     def failure(cls, status: int, kind: str, message: str) -> OutputChunk:
         return cls(finished=True, finish_reason="error", error={"status": status, "type": kind, "message": message})
-
-    @classmethod
-    def from_output(cls, out: RequestOutput, prompt_tokens: int, resumed_tokens: int,
-                    want_logprobs: bool) -> OutputChunk:
-        """An engine output -> a chunk; ``resumed_tokens`` were emitted by an earlier (dead) consumer."""
-        logprobs = None
-        if want_logprobs:
-            new = out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
-            logprobs = [TokenLogprob(t.token_id, t.logprob, t.top_logprobs) for t in new]
-        return cls(text=out.delta_text, token_ids=list(out.delta_token_ids), logprobs=logprobs,
-                   finished=out.finished, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
-                   completion_tokens=resumed_tokens + len(out.token_ids))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
