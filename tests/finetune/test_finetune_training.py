@@ -233,3 +233,20 @@ def test_rslora_job_trains_like_peft_and_serves_identically(tiny_llama_dir, tmp_
     torch.testing.assert_close(served_logits(model, folder, ids), trained_here, rtol=1e-4, atol=1e-4)
     with torch.no_grad(), peft.disable_adapter():
         assert not torch.allclose(peft(input_ids=torch.tensor([ids])).logits[0], expected, atol=1e-3)
+
+
+def test_a_job_leaves_torch_global_rng_alone(tiny_llama_dir, tmp_path):
+    """Starting, training (with LoRA dropout), publishing and resuming a job neither draws from nor reseeds
+    torch's global RNG, which the unseeded sampling of other users' requests draws from."""
+    job = job_spec(write_dataset(tmp_path / "data.jsonl"), steps=6)
+    job = job.model_copy(update={"lora": job.lora.model_copy(update={"dropout": 0.1})})
+    model, tokenizer = engine_model(tiny_llama_dir)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = train(model, tokenizer, job, tmp_path, "rng", token_budget=BUDGET, until_step=5)
+    assert first.latest_version == 1  # published at step 5
+    resumed = FinetuneRunner(model, tokenizer, job, tmp_path, "rng")
+    assert resumed.step == 5
+    run_collecting_losses(resumed)
+    assert resumed.step == 6
+    assert torch.equal(torch.get_rng_state(), state)
