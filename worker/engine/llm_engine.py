@@ -142,14 +142,15 @@ class LLMEngine:
     def execute(self, batch: ScheduledBatch, riders: Seq[Rider] = ()) -> list[RequestOutput]:
         """Run one scheduled batch (from ``scheduler.schedule``), fine-tuning ``riders`` fused into its
         forward, and sample (an empty batch: the riders run alone). Requests that could not be
-        scheduled (``batch.failed``) come back as failed outputs."""
-        failed = [self._fail(seq, error) for seq, error in batch.failed]
-        if not batch.seqs:
+        scheduled (``batch.failed``) come back as failed outputs, once the forward ran (should it raise,
+        the batch can run again)."""
+        if batch.seqs:
+            outputs = self.process_outputs(batch, self.runner.execute(batch, riders))
+        else:
             for rider in riders:
                 run_rider(rider)
-            return failed
-        logits = self.runner.execute(batch, riders)
-        return failed + self.process_outputs(batch, logits)
+            outputs = []
+        return [self._fail(seq, error) for seq, error in batch.failed] + outputs
 
     def process_outputs(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
         """Advance ``num_computed_tokens``, sample the sequences due a token, check stop rules."""
