@@ -119,7 +119,7 @@ def test_killed_worker_mid_job_is_resumed_from_the_last_version(tiny_llama_dir, 
 def stream_gaps(loop, redis_client, service: str, request_id: str, tokens: int, after_iteration=None) -> list[tuple]:
     """Stream one greedy request for ``tokens`` tokens through ``loop`` (its iterations run here): for each of
     its tokens after the first, (when it came, the gap since the previous one, what ``after_iteration(tokens
-    so far)`` returned after the iteration that made it)."""
+    so far)`` returned after the iteration that made it); that returning None stops the measurement."""
     request = InferenceRequest(request_id, [101] * 8, {"max_tokens": tokens, "temperature": 0, "ignore_eos": True})
     redis_client.xadd(protocol.request_stream(service), {"data": request.to_json()})
     times, tags = [], []
@@ -127,7 +127,9 @@ def stream_gaps(loop, redis_client, service: str, request_id: str, tokens: int, 
     while not times or request_id in loop.active:
         assert time.monotonic() < deadline, "the stream did not finish"
         outputs = [out for out in loop.run_once() if out.request_id == request_id]
-        tag = after_iteration(len(times) + len(outputs)) if after_iteration is not None else None
+        tag = after_iteration(len(times) + len(outputs)) if after_iteration is not None else True
+        if tag is None:
+            break
         times += [time.monotonic()] * len(outputs)
         tags += [tag] * len(outputs)
     return [(t, t - before, tag) for before, t, tag in zip(times, times[1:], tags[1:])]
@@ -140,7 +142,7 @@ def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_lla
     machine), far below the preparation time that a build on the engine thread would stall it for."""
     big = tmp_path / "big.jsonl"
     big.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}? " * 3,
-                                       "completion": f" It is {2 * i}."}) + "\n" for i in range(4000)))
+                                       "completion": f" It is {2 * i}."}) + "\n" for i in range(6000)))
     service = unique_service()
     engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=256, num_kv_blocks=64)
     coserve = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=1.0))
@@ -156,13 +158,13 @@ def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_lla
     spec = job_spec(big, max_steps=1, every=1)
     spec["training"] = {"epochs": 1, "learningRate": 0.01, "batchTokens": 64, "maxSeqLen": 64}
 
-    def preparing(tokens: int) -> bool:
-        """Submit the job after 5 tokens; True while it is being prepared (the iteration did no training)."""
+    def preparing(tokens: int) -> bool | None:
+        """Submit the job after 5 tokens; True while it is being prepared, None once it trains."""
         if tokens >= 5 and not queue.progress("big"):
             queue.submit(JobSubmission("big", "default", spec))
-        return "big" in jobs.builds
+        return None if "big" in coserve.jobs else "big" in jobs.builds
 
-    during = [(t, gap) for t, gap, tag in stream_gaps(loop, redis_client, service, "beside", 100, preparing) if tag]
+    during = [(t, gap) for t, gap, tag in stream_gaps(loop, redis_client, service, "beside", 240, preparing) if tag]
     assert len(during) >= 5, "the stream stalled while the job was prepared, or the dataset is too small"
     longest, prepared_s = max(gap for _, gap in during), during[-1][0] - during[0][0]
     print(f"longest gap: alone {alone:.3f} s, while preparing the job {longest:.3f} s "
@@ -174,4 +176,5 @@ def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_lla
         assert time.monotonic() < deadline, "the job did not start"
         loop.run_once()
     assert coserve.jobs["big"].runner.total_steps > 1
+    loop.hand_back()
     jobs.hand_back()
