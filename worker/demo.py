@@ -22,17 +22,18 @@ import uvicorn
 import yaml
 
 from flexllm.worker import protocol
-from flexllm.worker.api.app import ApiConfig, create_app
-from flexllm.worker.coserve.policy import SLO, measure_speed
+from flexllm.worker.api.app import ApiConfig
+from flexllm.worker.coserve.policy import measure_speed
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.metrics import Metrics
 from flexllm.worker.net import free_port
+from flexllm.worker.options import SLO, WorkerOptions
 from flexllm.worker.queue.connection import connect
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
 from flexllm.worker.redis_server import EmbeddedRedis
-from flexllm.worker.serving import EngineWorker, WorkerOptions
+from flexllm.worker.server import api_and_worker
+from flexllm.worker.serving import EngineWorker
 
 PROMPTS = [
     "Explain in one sentence why the sky is blue.",
@@ -208,14 +209,11 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
     engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
     rate, slo = size_load(engine_config, rate, slo_ms, console)
     with EmbeddedRedis() as url:
-        metrics = Metrics(slo)
-        app = create_app(ApiConfig(redis_url=url, service=service, model_name="base"), metrics)
         dataset = Path(spec["dataset"]["source"].removeprefix("file://"))
         options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo,
                                 data_dirs=[str(dataset.parent)])
-        worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
-                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
-                              on_failure=app.state.api.engine_failed)
+        app, worker = api_and_worker(engine_config, options, ApiConfig(redis_url=url, service=service,
+                                                                       model_name="base"))
         stop_worker, stop_load = threading.Event(), threading.Event()
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexllm.worker import protocol
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.options import SLO
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
