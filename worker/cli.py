@@ -10,10 +10,12 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.options import POLICIES, SLO, WorkerOptions
+from flexllm.worker.protocol import JobProgress
 
 log = logging.getLogger("flexllm")
 
@@ -367,17 +369,8 @@ def _check_dataset(spec, file: Path, model: str) -> None:
               file=sys.stderr)
 
 
-def _format_eta(seconds: str | None) -> str:
-    if not seconds:
-        return ""
-    s = int(float(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _format_loss(loss: str | None) -> str:
-    return f"{float(loss):.3f}" if loss else ""
+def _format_loss(loss: float | None) -> str:
+    return "" if loss is None else f"{loss:.3f}"
 
 
 class _Signals:
@@ -521,7 +514,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flexllm.worker.names import InvalidNameError, validate_name, validate_service
-    from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+    from flexllm.worker.protocol import JobSubmission
+    from flexllm.worker.queue.jobs import JobQueue
 
     name, metadata, spec = read_job_manifest(args.file)
     try:
@@ -547,19 +541,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_rows(client, service: str | None) -> list[dict]:
+def _job_rows(client, service: str | None) -> list[tuple[str, str, JobProgress, str]]:
+    """(service, job, progress, latest adapter version) of every job; a queued job's message says when no
+    replica serves its service."""
     from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
     served = served_services(client)
     rows = []
     for svc, job in list_jobs(client, service):
         queue = JobQueue(client, svc)
-        latest = queue.latest_version(job)
-        row = {"service": svc, "job": job, **queue.progress(job),
-               "adapter": f"{job}@v{latest['version']}" if latest else ""}
-        if row.get("phase") in ("Pending", "Queued") and svc not in served:
-            row["message"] = _unserved(svc, served)
-        rows.append(row)
+        latest, progress = queue.latest_version(job), queue.progress(job)
+        if progress.phase in ("Pending", "Queued") and svc not in served:
+            progress = replace(progress, message=_unserved(svc, served))
+        rows.append((svc, job, progress, latest.name if latest else ""))
     return rows
 
 
@@ -588,13 +582,13 @@ def _cancel_or_delete(client, args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     service = _find_job(client, args.name, args.service)
     queue = JobQueue(client, service)
-    phase = queue.progress(args.name).get("phase")
+    phase = queue.progress(args.name).phase
     if phase not in TERMINAL_PHASES:
-        queue.cancel(args.name)  # a running job stops at the engine's next check (within a second)
+        queue.cancel(args.name, f"cancelled with `flexllm jobs {args.action}`")  # stops within a second
         if phase != "Running":
             queue.set_progress(args.name, phase="Cancelled", message="cancelled before it started")
         deadline = time.monotonic() + CANCEL_WAIT_S
-        while args.action == "delete" and queue.progress(args.name).get("phase") == "Running" \
+        while args.action == "delete" and queue.progress(args.name).phase == "Running" \
                 and time.monotonic() < deadline:  # its engine would write progress again after the delete
             time.sleep(0.2)
     if args.action == "delete":
@@ -618,12 +612,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch_jobs(client, args.service)
     table = Table("SERVICE", "JOB", "PHASE", "PROGRESS", "LOSS", "TOKENS/S", "ETA", "ADAPTER", "MESSAGE")
-    for row in _job_rows(client, args.service):
-        step, total = int(row.get("step") or 0), int(row.get("total_steps") or 0)
-        progress = f"{step}/{total} ({100 * step // total}%)" if total else str(step)
-        table.add_row(row["service"], row["job"], row.get("phase", ""), progress, _format_loss(row.get("loss")),
-                      row.get("tokens_per_second", ""), _format_eta(row.get("eta_seconds")), row["adapter"],
-                      row.get("message", ""))
+    for svc, job, progress, adapter in _job_rows(client, args.service):
+        speed = "" if progress.tokens_per_second is None else f"{progress.tokens_per_second:.1f}"
+        table.add_row(svc, job, progress.phase or "", progress.display, _format_loss(progress.loss), speed,
+                      progress.eta, adapter, progress.message or "")
     Console().print(table if table.row_count else f"no jobs (Redis prefix {protocol.PREFIX}:)")
     return 0
 
@@ -641,14 +633,13 @@ def _watch_jobs(client, service: str | None) -> int:
         tasks: dict[str, int] = {}
         while True:
             rows = _job_rows(client, service)
-            for row in rows:
-                key = f"{row['service']}/{row['job']}"
+            for svc, job, progress, _ in rows:
+                key = f"{svc}/{job}"
                 if key not in tasks:
                     tasks[key] = bars.add_task(key, total=None, phase="", loss="")
-                total = int(row.get("total_steps") or 0) or None
-                bars.update(tasks[key], completed=int(row.get("step") or 0), total=total,
-                            phase=row.get("phase", ""), loss=_format_loss(row.get("loss")) or "-")
-            if not rows or all(row.get("phase") in TERMINAL_PHASES for row in rows):
+                bars.update(tasks[key], completed=progress.step or 0, total=progress.total_steps,
+                            phase=progress.phase or "", loss=_format_loss(progress.loss) or "-")
+            if not rows or all(progress.phase in TERMINAL_PHASES for _, _, progress, _ in rows):
                 return 0
             time.sleep(1.0)
 

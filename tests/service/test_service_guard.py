@@ -216,10 +216,10 @@ def test_a_poison_job_is_dead_lettered_and_failed_after_max_deliveries(redis_cli
         wait_until(intake.poll, 10, f"delivery {attempt}")
         assert [name for name, _ in handler.accepted] == ["poison"]
     last = JobIntake(queue, "engine-b", RecordingJobHandler(), FinetuneJobSpec.model_validate, reclaim_idle_ms=100)
-    wait_until(lambda: last.poll() == 0 and queue.progress("poison")["phase"] == "Failed", 10, "delivery 4")
+    wait_until(lambda: last.poll() == 0 and queue.progress("poison").phase == "Failed", 10, "delivery 4")
     assert last.handler.accepted == []
     progress = queue.progress("poison")
-    assert progress["phase"] == "Failed" and "delivered 4 times" in progress["message"]
+    assert progress.phase == "Failed" and "delivered 4 times" in progress.message
     [record] = dead_letters(redis_client, queue.service)
     assert json.loads(record["data"])["name"] == "poison" and record["stream"] == queue.stream
     assert redis_client.xlen(queue.stream) == 0 and queue.depth() == 0
