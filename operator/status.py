@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flexllm.worker.protocol import TERMINAL_PHASES, AdapterVersion, JobProgress
+from flexllm.worker.protocol import TERMINAL_PHASES, AdapterVersion, JobProgress, ReplicaState
 
 Status = dict[str, Any]
 MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's bound, in the CRDs
@@ -115,13 +114,13 @@ def job_status(job: str, generation: int | None, old: Mapping[str, Any], reporte
     return status
 
 
-def replica_entry(replica: str, raw: Mapping[str, str]) -> Status:
-    """One replica hash (what it really serves) as a status.loadedAdapters entry."""
+def replica_entry(replica: str, state: ReplicaState) -> Status:
+    """One replica's state (what it really serves) as a status.loadedAdapters entry."""
     return {
         "replica": replica,
-        "ready": raw.get("ready", "").lower() in ("1", "true", "yes"),
-        "adapters": sorted(json.loads(raw.get("adapters") or "[]")),
-        "failed": [f"{adapter}: {error}" for adapter, error in sorted(json.loads(raw.get("failed") or "{}").items())],
+        "ready": state.ready,
+        "adapters": list(state.adapters),
+        "failed": [f"{adapter}: {error}" for adapter, error in sorted(state.failed.items())],
     }
 
 

@@ -9,6 +9,7 @@ import kopf
 import redis
 
 from flexllm.worker import protocol
+from flexllm.worker.protocol import ReplicaState
 from flexllm.worker.queue.jobs import JobQueue
 
 
@@ -35,8 +36,8 @@ class JobStore:
         """Submits, reads, cancels and cleans the FinetuneJobs of one service (its ``service_key``)."""
         return JobQueue(self.client, service)
 
-    def replicas(self, service: str) -> dict[str, dict[str, str]]:
-        """Replica id -> its hash, for every live (not yet expired) replica of the service."""
+    def replicas(self, service: str) -> dict[str, ReplicaState]:
+        """Replica id -> its state, for every live (not yet expired) replica of the service."""
         prefix = protocol.replica_state(service, "")
         keys = sorted(self.client.scan_iter(match=protocol.replica_pattern(service)))
-        return {key.removeprefix(prefix): self.client.hgetall(key) for key in keys}
+        return {key.removeprefix(prefix): ReplicaState.from_redis(self.client.hgetall(key)) for key in keys}

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from flexllm.worker import protocol
-from flexllm.worker.protocol import AdapterAnnouncement, AdapterVersion, JobCancel, JobProgress, JobSubmission
+from flexllm.worker.protocol import (
+    AdapterAnnouncement,
+    AdapterVersion,
+    JobCancel,
+    JobProgress,
+    JobSubmission,
+    ReplicaState,
+)
 from flexllm.worker.queue.connection import connect
 from flexllm.worker.queue.jobs import JobQueue
 from flexllm.worker.redis_server import EmbeddedRedis
@@ -130,3 +137,12 @@ def test_adapter_announcements_round_trip():
         assert (got.version.adapter, got.version.version, got.version.uri, got.removed) == (
             "a", 3, "file:///adapters/a/v3", sent.removed)
     assert AdapterAnnouncement.from_json(AdapterAnnouncement().to_json()) == AdapterAnnouncement()
+
+
+def test_replica_state_round_trips_through_its_hash(queue):
+    key = protocol.replica_state(queue.service, "pod-a")
+    sent = ReplicaState(("b@v1", "a@v2"), ready=True, updated=1_700_000_000, failed={"c@v1": "CUDA out of memory"})
+    queue.client.hset(key, mapping=sent.to_redis())
+    got = ReplicaState.from_redis(queue.client.hgetall(key))
+    assert got == ReplicaState(("a@v2", "b@v1"), True, 1_700_000_000, {"c@v1": "CUDA out of memory"})
+    assert ReplicaState.from_redis({}) == ReplicaState()

@@ -12,17 +12,17 @@ layout is written down exactly once.
 - ``job:{job}:cancel``    a ``JobCancel`` (JSON ``{"reason"}``) once the job is cancelled
 - ``job:{job}:versions``  list of ``AdapterVersion`` JSON ``{"adapter", "version", "uri", "step", "loss", "time"}``
 - ``adapters``            pub/sub channel: an ``AdapterAnnouncement`` for every new or retired version
-- ``replica:{replica}``   hash with a TTL: what one replica really serves (``adapters``: JSON list of
-                          ``name@vN``; ``ready``; ``updated``; ``failed``: JSON ``{"name@vN": error}``
-                          of hot-loads that failed, cleared on success) — the source of
-                          ``status.loadedAdapters`` and the ``AdaptersLoaded`` condition
+- ``replica:{replica}``   hash with a TTL: a ``ReplicaState``, what one replica really serves (``adapters``:
+                          JSON list of ``name@vN``; ``ready``; ``updated``; ``failed``: JSON
+                          ``{"name@vN": error}`` of hot-loads that failed, cleared on success) — the source
+                          of ``status.loadedAdapters`` and the ``AdaptersLoaded`` condition
 - ``cancel:{request_id}`` string ``"1"`` once a client went away: the engine aborts the request
 - ``adapter-versions``    hash ``name@vN`` -> ``AdapterVersion`` JSON: what may be served
 - ``dead-letter``         stream: poison entries taken out of ``requests`` or ``jobs`` (fields ``stream``,
                           ``entry``, ``data`` — the original entry's —, ``error``, ``deliveries``, ``time``)
 
 Messages. Each value above that is more than a flag is one torch-free class below (``JobSubmission``,
-``JobProgress``, ``JobCancel``, ``AdapterVersion``, ``AdapterAnnouncement``) with the one way it is
+``JobProgress``, ``JobCancel``, ``AdapterVersion``, ``AdapterAnnouncement``, ``ReplicaState``) with the one way it is
 written and read; the worker, ``flexllm submit``/``jobs`` and the operator all use them
 (through ``flexllm.worker.queue.jobs.JobQueue`` for a service's jobs).
 
@@ -292,3 +292,25 @@ class AdapterAnnouncement:
         if raw.get("resync"):
             return cls()
         return cls(AdapterVersion(raw["adapter"], int(raw["version"]), raw["uri"]), bool(raw.get("removed")))
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """A replica hash ``replica:{replica}``: the adapter versions one replica has loaded, whether it takes
+    requests, and the hot-loads that failed (``name@vN`` -> error)."""
+
+    adapters: tuple[str, ...] = ()
+    ready: bool = False
+    updated: int | None = None  # unix seconds of the last report
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def to_redis(self) -> dict[str, str | int]:
+        mapping: dict[str, str | int] = {"adapters": json.dumps(sorted(self.adapters)),
+                                         "ready": "1" if self.ready else "0", "failed": json.dumps(self.failed)}
+        return mapping | ({} if self.updated is None else {"updated": self.updated})
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[str, str]) -> ReplicaState:
+        return cls(tuple(sorted(json.loads(raw.get("adapters") or "[]"))),
+                   raw.get("ready", "").lower() in ("1", "true", "yes"), _number(raw, "updated", int),
+                   dict(json.loads(raw.get("failed") or "{}")))

@@ -20,7 +20,7 @@ import yaml
 
 from flexllm.operator import status as st
 from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
-from flexllm.worker.protocol import AdapterVersion, JobProgress
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -210,7 +210,7 @@ def test_every_status_field_the_operator_writes_survives_and_fills_the_printer_c
                            eta_seconds=125, message="")
     versions = [AdapterVersion("status-job", 1, "file:///adapters/v1", 2, 1.5, "t")]
     job = st.job_status("status-job", 1, {}, progress, versions, 3, datetime.datetime.now(datetime.UTC), 5)
-    entries = [st.replica_entry("status-service-worker-0", {"ready": "1", "adapters": '["status-job@v1"]'})]
+    entries = [st.replica_entry("status-service-worker-0", ReplicaState(("status-job@v1",), True))]
     service = st.service_status(1, {}, 1, 1, entries, [], "http://status-service.schema-test.svc:8000/v1")
     for kind, name, status in (("finetunejobs", "status-job", job),
                                ("inferenceservices.flexllm.ai", "status-service", service)):

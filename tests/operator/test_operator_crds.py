@@ -19,7 +19,7 @@ import yaml
 
 from flexllm.operator import handling
 from flexllm.operator import status as st
-from flexllm.worker.protocol import AdapterVersion, JobProgress
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_every_status_field_the_operator_writes_is_declared():
     progress = JobProgress(phase="Running", step=3, total_steps=6, loss=1.5, tokens_per_second=9, eta_seconds=4,
                            message="m")
     job = st.job_status("j", 2, {}, progress, [AdapterVersion("j", 1, "u", 3, 1.5, "t")], 2, now, 5)
-    service = st.service_status(1, {}, 1, 1, [st.replica_entry("r", {"ready": "1", "adapters": '["j@v1"]'})],
+    service = st.service_status(1, {}, 1, 1, [st.replica_entry("r", ReplicaState(("j@v1",), True))],
                                 [], "http://x")
     invalid_job, invalid_service = kopf.Patch(), kopf.Patch()
     handling.mark_not_ready(invalid_job, {}, 1, "Failed", "InvalidSpec", "lora.rank: too big", terminal=True)

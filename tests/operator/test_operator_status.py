@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import datetime
-import json
 
 from flexllm.operator import status as st
-from flexllm.worker.protocol import AdapterVersion, JobProgress
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 
 def test_progress_maps_counts_percent_and_eta():
@@ -105,8 +104,7 @@ def test_conditions_keep_transition_time_while_status_is_unchanged():
 
 
 def replica(name: str, adapters: list[str], ready: bool = True, failed: dict | None = None) -> dict:
-    return st.replica_entry(name, {"ready": "1" if ready else "0", "adapters": json.dumps(adapters),
-                                   "failed": json.dumps(failed or {})})
+    return st.replica_entry(name, ReplicaState(tuple(adapters), ready, failed=failed or {}))
 
 
 def test_served_summary_counts_partial_rollouts_on_ready_replicas():

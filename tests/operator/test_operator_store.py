@@ -11,7 +11,7 @@ import redis
 
 from flexllm.operator.store import JobStore, transient_redis_errors
 from flexllm.worker import protocol
-from flexllm.worker.protocol import JobCancel, JobProgress, JobSubmission
+from flexllm.worker.protocol import JobCancel, JobProgress, JobSubmission, ReplicaState
 
 pytestmark = pytest.mark.timeout(60)
 SERVICE = "ns.store-test"
@@ -49,7 +49,7 @@ def test_cleanup_keeps_only_the_cancel_flag_and_other_jobs(store, redis_client):
 def test_replicas_lists_live_replica_hashes(store, redis_client):
     redis_client.hset(protocol.replica_state(SERVICE, "pod-a"), mapping={"ready": "1", "adapters": "[]"})
     redis_client.hset(protocol.replica_state("ns.other", "pod-b"), mapping={"ready": "1"})
-    assert store.replicas(SERVICE) == {"pod-a": {"ready": "1", "adapters": "[]"}}
+    assert store.replicas(SERVICE) == {"pod-a": ReplicaState((), ready=True)}
 
 
 def test_redis_down_is_a_temporary_error():
