@@ -21,10 +21,11 @@ layout is written down exactly once.
 - ``dead-letter``         stream: poison entries taken out of ``requests`` or ``jobs`` (fields ``stream``,
                           ``entry``, ``data`` — the original entry's —, ``error``, ``deliveries``, ``time``)
 
-Messages. Each value above that is more than a flag is one torch-free class below (``JobSubmission``,
-``JobProgress``, ``JobCancel``, ``AdapterVersion``, ``AdapterAnnouncement``, ``ReplicaState``) with the one way it is
-written and read; the worker, ``flexllm submit``/``jobs`` and the operator all use them
-(through ``flexllm.worker.queue.jobs.JobQueue`` for a service's jobs).
+Messages. Each job, adapter and replica value above is one torch-free class below (``JobSubmission``,
+``JobProgress``, ``JobCancel``, ``AdapterVersion``, ``AdapterAnnouncement``, ``ReplicaState``) with the one
+way it is written and read; the worker, ``flexllm submit``/``jobs`` and the operator all use them (through
+``flexllm.worker.queue.jobs.JobQueue`` for a service's jobs). Requests and output chunks, which only
+workers and API processes exchange, are ``flexllm.worker.queue.messages``.
 
 Names. ``{service}`` and ``{job}`` follow ``flexllm.worker.names`` (DNS-1123: lowercase letters, digits,
 ``-``, ``.``; never ``:``), so no valid name can reach into another key's layout (job ``x:cancel`` would
