@@ -22,6 +22,7 @@ from flexllm.worker.api.app import ApiConfig, create_app
 from flexllm.worker.cli import main as cli_main
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.protocol import JobCancel
 from flexllm.worker.queue.deadletter import dead_letters
 from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
@@ -138,7 +139,7 @@ def test_bad_job_names_are_dead_lettered_by_the_worker_intake_which_goes_on(serv
     records = dead_letters(redis_client, server.service)[-len(BAD_NAMES):]
     assert [json.loads(r["data"])["name"] for r in records] == BAD_NAMES
     assert all("invalid job name" in r["error"] for r in records)
-    assert redis_client.get(protocol.job_cancel_flag(server.service, "x")) == "1"  # untouched
+    assert queue.cancellation("x") == JobCancel()  # untouched
     assert not redis_client.exists(protocol.job_progress(server.service, "tiny-lora\n"))
     assert complete(server.base_url, max_tokens=4).status_code == 200
 
