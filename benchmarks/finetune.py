@@ -53,7 +53,7 @@ def flexllm_tokens_per_second(model, tokenizer, job: FinetuneJobSpec, folder: Pa
     runner.run_work(unit)  # warm-up of the first unit is part of the timed busy time anyway
     while not runner.done:
         runner.run_work(unit)
-    return runner.progress["tokensPerSecond"]
+    return runner.progress.tokens_per_second
 
 
 def hf_peft_tokens_per_second(path: Path, tokenizer, job: FinetuneJobSpec) -> float:

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from flexllm.operator.config import OperatorConfig
+from flexllm.operator.kube import GROUP
 from flexllm.operator.models import InferenceServiceSpec
+from flexllm.worker.options import WorkerOptions
 
 PORT = 8000
 ADAPTER_DIR = "/adapters"
 MODEL_DIR = "/models"
-DRAIN_S = 30  # `flexllm serve --drain-seconds`: finish requests in flight and jobs' current steps on SIGTERM
+# `flexllm serve --drain-seconds` (its default): finish requests in flight and jobs' current steps on SIGTERM
+DRAIN_S = round(WorkerOptions.drain_s)
 PRESTOP_S = 5  # the preStop sleep: endpoints drop the pod before SIGTERM stops its admission
 # preStop, drain, the API's 5 s to close its connections, and a margin before SIGKILL
 GRACE_S = PRESTOP_S + DRAIN_S + 5 + 10
 PINNED_DIR = "/pinned"  # pinned adapters' PVCs: pvc://<claim>/<path> at /pinned/<claim>/<path>
 DATASET_DIR = "/data"  # the datasets' PVC: a FinetuneJob names file:///data/<path>
-GROUP = "flexllm.ai"
 SERVICE_LABEL = f"{GROUP}/inference-service"
 Manifest = dict[str, Any]
 

@@ -14,7 +14,7 @@ from flexllm.operator.kube import GROUP
 from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
 from flexllm.operator.store import transient_redis_errors
 from flexllm.worker.names import is_valid_name
-from flexllm.worker.protocol import TERMINAL_PHASES
+from flexllm.worker.protocol import TERMINAL_PHASES, JobSubmission
 
 PLURAL = "finetunejobs"
 
@@ -42,15 +42,16 @@ def submit(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, meta: ko
         mark_not_ready(patch, status, generation, "Pending", "InferenceServiceNotFound", message)
         if retry == 0:
             post_phase_event(body, "Pending", message)
-        raise kopf.TemporaryError(message, delay=CONFIG.retry_delay_s)
+        raise kopf.TemporaryError(message, delay=memo.config.retry_delay_s)
     try:
         job.check_fits(InferenceServiceSpec.model_validate(service.get("spec", {})))
     except ValueError as error:
         mark_not_ready(patch, status, generation, "Failed", "DoesNotFit", str(error), terminal=True)
         post_phase_event(body, "Failed", str(error))
         raise kopf.PermanentError(str(error)) from error
-    with transient_redis_errors(CONFIG.retry_delay_s):
-        memo.store.submit(service_key(namespace, job.inference_service), name, namespace, dict(spec))
+    with transient_redis_errors(memo.config.retry_delay_s):
+        memo.store.jobs(service_key(namespace, job.inference_service)).submit(
+            JobSubmission(name, namespace, dict(spec)))
     message = f"queued on InferenceService {job.inference_service!r}"
     ready = st.condition("Ready", True, "Queued", message, generation)
     patch.status.update(phase="Queued", message=message, observedGeneration=generation,
@@ -65,14 +66,14 @@ def sync_progress(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, m
     from Redis into the status."""
     if status.get("phase") in (None, "Pending") or status.get("completionTime"):
         return
-    key = service_key(namespace, spec["inferenceService"])
-    with transient_redis_errors(CONFIG.retry_delay_s):
-        raw, versions = memo.store.progress(key, name), memo.store.versions(key, name)
-    if not raw:
-        return
+    jobs = memo.store.jobs(service_key(namespace, spec["inferenceService"]))
+    with transient_redis_errors(memo.config.retry_delay_s):
+        progress, versions = jobs.progress(name), jobs.versions(name)
+    if progress.phase is None:
+        return  # no progress hash (yet)
     keep = int(spec.get("publish", {}).get("keepVersions", 5))
-    new = st.job_status(name, meta.get("generation"), status, raw, versions, keep, st.utc_now(),
-                        CONFIG.status_interval_s)
+    new = st.job_status(name, meta.get("generation"), status, progress, versions, keep, st.utc_now(),
+                        memo.config.status_interval_s)
     patch.status.update(st.changed_fields(status, new))
     if new["phase"] != status.get("phase"):
         post_phase_event(body, new["phase"], new["message"] or f"job is {new['phase'].lower()}")
@@ -84,15 +85,15 @@ def cancel(spec: kopf.Spec, name: str, namespace: str, body: kopf.Body, memo: ko
     """Raises the cancel flag, waits (bounded) for a running job to stop, then cleans its Redis state."""
     if not (is_valid_name(name) and is_valid_name(spec.get("inferenceService"))):
         return  # rejected at creation: never queued, nothing in Redis
-    key = service_key(namespace, spec.get("inferenceService", ""))
-    with transient_redis_errors(CONFIG.retry_delay_s):
-        phase = memo.store.progress(key, name).get("phase")
+    jobs = memo.store.jobs(service_key(namespace, spec.get("inferenceService", "")))
+    with transient_redis_errors(memo.config.retry_delay_s):
+        phase = jobs.progress(name).phase
         if phase is None:
             return  # never queued (invalid, or its service never appeared): nothing in Redis
-        memo.store.cancel(key, name)
-    if phase == "Running" and runtime.total_seconds() < CONFIG.cancel_wait_s:
+        jobs.cancel(name, "the FinetuneJob was deleted")
+    if phase == "Running" and runtime.total_seconds() < memo.config.cancel_wait_s:
         raise kopf.TemporaryError("waiting for the engine to stop the job", delay=1)
-    with transient_redis_errors(CONFIG.retry_delay_s):
-        memo.store.cleanup(key, name, namespace)
+    with transient_redis_errors(memo.config.retry_delay_s):
+        jobs.delete(name, namespace)  # the cancel flag stays (its TTL): a replica still training sees it
     if phase not in TERMINAL_PHASES:
         post_phase_event(body, "Cancelled", "deleted: cancel flag raised, Redis state cleaned")

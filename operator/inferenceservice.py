@@ -46,9 +46,9 @@ def sync_status(spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, sta
         return
     service = InferenceServiceSpec.model_validate(dict(spec))
     ready = memo.kube.ready_replicas(namespace, builders.deployment_name(name))
-    with transient_redis_errors(CONFIG.retry_delay_s):
+    with transient_redis_errors(memo.config.retry_delay_s):
         replicas = memo.store.replicas(builders.service_key(namespace, name))
-    entries = [st.replica_entry(replica, raw) for replica, raw in replicas.items()]
+    entries = [st.replica_entry(replica, state) for replica, state in replicas.items()]
     new = st.service_status(meta.get("generation"), status, service.replicas, ready, entries,
                             [adapter.name for adapter in service.adapters], builders.endpoint(namespace, name))
     patch.status.update(st.changed_fields(status, new))

@@ -3,8 +3,8 @@
 The CRD schemas reject bad input at ``kubectl apply``; these models repeat the checks (an old CRD
 may still be installed) and add the one rule no schema can hold (a job's rank against its
 service's limit). Fields, types, defaults, bounds and cross-field rules are the CRDs':
-tests/operator/test_operator_spec_sync.py compares both ways. The engine defaults are the
-worker's (EngineConfig, SLO, WorkerOptions), which that test checks too.
+tests/operator/test_operator_spec_sync.py compares both ways. The engine and SLO defaults are taken
+from the worker's own (EngineConfig, SLO, WorkerOptions: torch-free modules), so the CRD's must match them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.finetune.spec import FinetuneJobSpec as WorkerJobSpec
 from flexllm.worker.names import MAX_NAME_LEN, NAME
+from flexllm.worker.options import POLICIES, SLO, WorkerOptions
 
 DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # an InferenceService's name is its Service's: DNS-1035
 URI_MAX = 4096
@@ -29,7 +31,7 @@ class SpecModel(BaseModel):
 
 class ModelSource(SpecModel):
     uri: str = Field(min_length=1, max_length=URI_MAX)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = EngineConfig.dtype
 
 
 class WorkerResources(SpecModel):
@@ -39,17 +41,17 @@ class WorkerResources(SpecModel):
 
 
 class Slo(SpecModel):
-    ttft_ms: float = Field(default=5000, gt=0)
-    tpot_ms: float = Field(default=75, gt=0)
+    ttft_ms: float = Field(default=SLO.ttft_s * 1000, gt=0)
+    tpot_ms: float = Field(default=SLO.tpot_s * 1000, gt=0)
 
 
 class EngineLimits(SpecModel):
-    max_tokens_per_batch: int = Field(default=256, ge=1)
-    kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
-    max_loras: int = Field(default=4, ge=1)
-    max_lora_rank: int = Field(default=16, ge=1)
-    policy: Literal["coserve", "temporal", "inference-only", "finetune-only"] = "coserve"
-    max_finetune_tokens: int = Field(default=256, ge=1)
+    max_tokens_per_batch: int = Field(default=EngineConfig.max_tokens_per_batch, ge=1)
+    kv_cache_fraction: float = Field(default=EngineConfig.kv_cache_fraction, gt=0, le=1)
+    max_loras: int = Field(default=EngineConfig.max_loras, ge=1)
+    max_lora_rank: int = Field(default=EngineConfig.max_lora_rank, ge=1)
+    policy: Literal[POLICIES] = WorkerOptions.policy
+    max_finetune_tokens: int = Field(default=WorkerOptions.max_finetune_tokens, ge=1)
 
 
 class PinnedAdapter(SpecModel):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import datetime
-import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flexllm.worker.protocol import TERMINAL_PHASES
+from flexllm.worker.protocol import TERMINAL_PHASES, AdapterVersion, JobProgress, ReplicaState
 
 Status = dict[str, Any]
 MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's bound, in the CRDs
@@ -39,41 +37,16 @@ def merge_conditions(existing: Sequence[Mapping[str, Any]], new: Mapping[str, An
     return [dict(c) for c in existing if c.get("type") != new["type"]] + [merged]
 
 
-def format_duration(seconds: float) -> str:
-    """90 -> '1m30s', 3725 -> '1h2m'; kubectl-style, for printer columns."""
-    seconds = max(int(seconds), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-def _number(raw: Mapping[str, str], key: str, kind: type = float) -> Any:
-    """The field as a number; None when absent, unparsable or not finite (JSON has no NaN: the API
-    server would refuse the whole status patch)."""
-    try:
-        value = float(raw.get(key) or "")
-    except ValueError:
-        return None
-    return kind(value) if math.isfinite(value) else None
-
-
-def progress_status(raw: Mapping[str, str]) -> Status:
-    """The worker's progress hash (strings, snake_case) as status.progress."""
-    step = _number(raw, "step", int) or 0
-    total = _number(raw, "total_steps", int)
-    progress: Status = {"step": step}
-    if total:
-        percent = min(100, step * 100 // total)
-        progress.update(totalSteps=total, percent=percent, display=f"{step}/{total} ({percent}%)")
-    for key, field, kind in (("loss", "loss", float), ("tokens_per_second", "tokensPerSecond", float)):
-        value = _number(raw, key, kind)
+def progress_status(job: JobProgress) -> Status:
+    """The worker's progress as status.progress (the CRD's camelCase names)."""
+    progress: Status = {"step": job.step or 0}
+    if job.total_steps:
+        progress.update(totalSteps=job.total_steps, percent=job.percent, display=job.display)
+    for field, value in (("loss", job.loss), ("tokensPerSecond", job.tokens_per_second)):
         if value is not None:
             progress[field] = round(value, 4)
-    eta = _number(raw, "eta_seconds", int)
-    if eta is not None:
-        progress.update(etaSeconds=eta, eta=format_duration(eta))
+    if job.eta_seconds is not None:
+        progress.update(etaSeconds=job.eta_seconds, eta=job.eta)
     return progress
 
 
@@ -102,32 +75,18 @@ def progress_due(old: Mapping[str, Any], phase: str, now: datetime.datetime, int
     return (now - datetime.datetime.fromisoformat(last)).total_seconds() >= interval_s
 
 
-def version_name(version: Any) -> str:
-    """3, "3" and "v3" all become "v3"."""
-    text = str(version)
-    return f"v{text}" if text.isdigit() else text
-
-
-def adapter_status(job: str, raw_versions: Sequence[str], keep: int) -> Status | None:
-    """The versions list (JSON strings, oldest first) as status.adapter; None before the first one."""
-    versions = []
-    for item in raw_versions:
-        entry = json.loads(item)
-        versions.append({
-            "version": version_name(entry["version"]),
-            "step": int(entry.get("step", 0)),
-            "loss": float(entry.get("loss", 0.0)),
-            "uri": str(entry.get("uri", "")),
-            "time": str(entry.get("time", "")),
-        })
+def adapter_status(job: str, published: Sequence[AdapterVersion], keep: int) -> Status | None:
+    """The job's published versions (oldest first) as status.adapter; None before the first one."""
+    versions = [{"version": f"v{v.version}", "step": v.step, "loss": v.loss, "uri": v.uri, "time": v.time}
+                for v in published]
     if not versions:
         return None
     latest = versions[-1]["version"]
     return {"name": job, "latestVersion": latest, "latest": f"{job}@{latest}", "versions": versions[-keep:]}
 
 
-def job_status(job: str, generation: int | None, old: Mapping[str, Any], raw: Mapping[str, str],
-               raw_versions: Sequence[str], keep_versions: int, now: datetime.datetime,
+def job_status(job: str, generation: int | None, old: Mapping[str, Any], reported: JobProgress,
+               versions: Sequence[AdapterVersion], keep_versions: int, now: datetime.datetime,
                interval_s: float) -> Status:
     """The FinetuneJob status patch for the worker's progress hash and published versions.
 
@@ -135,13 +94,14 @@ def job_status(job: str, generation: int | None, old: Mapping[str, Any], raw: Ma
     progress_due), so the API server and the dashboards watching it get one update per interval, and
     while the progress has not changed (no new lastUpdatedTime, no watch event, for a step in progress).
     """
-    phase = raw.get("phase") or old.get("phase") or "Queued"
-    status: Status = {"phase": phase, "message": raw.get("message", ""), "observedGeneration": generation}
-    progress = progress_status(raw)
+    phase = reported.phase or old.get("phase") or "Queued"
+    message = reported.message or ""
+    status: Status = {"phase": phase, "message": message, "observedGeneration": generation}
+    progress = progress_status(reported)
     if progress != old.get("progress") and progress_due(old, phase, now, interval_s):
         status["progress"] = progress
         status["trainerStatus"] = trainer_status(progress, now)
-    adapter = adapter_status(job, raw_versions, keep_versions)
+    adapter = adapter_status(job, versions, keep_versions)
     if adapter is not None:
         status["adapter"] = adapter
     if phase == "Running" and not old.get("startTime"):
@@ -149,18 +109,18 @@ def job_status(job: str, generation: int | None, old: Mapping[str, Any], raw: Ma
     if phase in TERMINAL_PHASES and not old.get("completionTime"):
         status["completionTime"] = now_iso(now)
     ok = phase != "Failed"
-    ready = condition("Ready", ok, phase, raw.get("message", "") or f"job is {phase.lower()}", generation)
+    ready = condition("Ready", ok, phase, message or f"job is {phase.lower()}", generation)
     status["conditions"] = merge_conditions(old.get("conditions", []), ready)
     return status
 
 
-def replica_entry(replica: str, raw: Mapping[str, str]) -> Status:
-    """One replica hash (what it really serves) as a status.loadedAdapters entry."""
+def replica_entry(replica: str, state: ReplicaState) -> Status:
+    """One replica's state (what it really serves) as a status.loadedAdapters entry."""
     return {
         "replica": replica,
-        "ready": raw.get("ready", "").lower() in ("1", "true", "yes"),
-        "adapters": sorted(json.loads(raw.get("adapters") or "[]")),
-        "failed": [f"{adapter}: {error}" for adapter, error in sorted(json.loads(raw.get("failed") or "{}").items())],
+        "ready": state.ready,
+        "adapters": list(state.adapters),
+        "failed": [f"{adapter}: {error}" for adapter, error in sorted(state.failed.items())],
     }
 
 

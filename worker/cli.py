@@ -10,13 +10,17 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
+
+from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.options import POLICIES, SLO, WorkerOptions
+from flexllm.worker.protocol import JobProgress
 
 log = logging.getLogger("flexllm")
 
 DEFAULT_SERVICE = "smollm2"  # examples/inferenceservice.yaml's name, which examples/finetunejob.yaml names
 CANCEL_WAIT_S = 10.0  # `jobs delete`: how long a running job's engine gets to stop it
-DRAIN_S = 30.0  # operator/builders.py sizes the pod's grace period from the same default
 
 
 class CommandError(Exception):
@@ -53,23 +57,26 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-SERVE_SLO_HELP = ("5000 ms / 75 ms are the InferenceService defaults, sized for a GPU; on a CPU a decode "
-                  "step of the bundled model takes ~35 ms alone, so use e.g. --tpot-ms 300 there "
-                  "(`flexllm demo` measures the machine instead)")
+SERVE_SLO_HELP = (f"{SLO.ttft_s * 1000:g} ms / {SLO.tpot_s * 1000:g} ms are the InferenceService defaults, sized "
+                  "for a GPU; on a CPU a decode step of the bundled model takes ~35 ms alone, so use e.g. "
+                  "--tpot-ms 300 there (`flexllm demo` measures the machine instead)")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m",
+    g.add_argument("--model", default=EngineConfig.model,
                    help="bundled name, HF folder, .gguf, file://, pvc:// or hf://org/name[@revision] URI")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--max-tokens-per-batch", type=int, default=256, help="tokens one engine iteration computes")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--kv-cache-fraction", type=float, default=0.5, help="share of free memory for the KV cache")
-    g.add_argument("--max-loras", type=int, default=4, help="adapters loaded at once")
-    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank")
+    g.add_argument("--dtype", default=EngineConfig.dtype, help="auto, float32, bfloat16, float16")
+    g.add_argument("--device", default=EngineConfig.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--max-tokens-per-batch", type=int, default=EngineConfig.max_tokens_per_batch,
+                   help="tokens one engine iteration computes")
+    g.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="requests running at once")
+    g.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len,
+                   help="context length (default: the model's)")
+    g.add_argument("--kv-cache-fraction", type=float, default=EngineConfig.kv_cache_fraction,
+                   help="share of free memory for the KV cache")
+    g.add_argument("--max-loras", type=int, default=EngineConfig.max_loras, help="adapters loaded at once")
+    g.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help="largest adapter rank")
 
 
 def _queue_args(p: argparse.ArgumentParser) -> None:
@@ -82,24 +89,25 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
                         "FLEXLLM_SERVICE); the default is the one examples/finetunejob.yaml names")
     g.add_argument("--adapter-dir", default=os.environ.get("FLEXLLM_ADAPTER_DIR"),
                    help="adapter store root (env FLEXLLM_ADAPTER_DIR; default: <cache>/adapters)")
-    g.add_argument("--reclaim-idle-ms", type=int, default=30_000,
+    g.add_argument("--reclaim-idle-ms", type=int, default=WorkerOptions.reclaim_idle_ms,
                    help="take over requests a silent engine holds for this long")
-    g.add_argument("--drain-seconds", type=float, default=DRAIN_S,
+    g.add_argument("--drain-seconds", type=float, default=WorkerOptions.drain_s,
                    help="on SIGTERM/SIGINT: time to finish requests in flight and jobs' current steps before "
                         "handing the rest back to other replicas (a second signal exits at once)")
-    g.add_argument("--max-deliveries", type=int, default=3,
+    g.add_argument("--max-deliveries", type=int, default=WorkerOptions.max_deliveries,
                    help="a request or job whose engines died this many times goes to the dead-letter stream")
-    g.add_argument("--redis-outage-s", type=float, default=30.0,
+    g.add_argument("--redis-outage-s", type=float, default=WorkerOptions.redis_outage_s,
                    help="exit (non-zero) once Redis is unreachable for this long")
 
 
 def _coserve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("co-serving", SERVE_SLO_HELP)
-    g.add_argument("--ttft-ms", type=float, default=5000.0, help="time-to-first-token SLO")
-    g.add_argument("--tpot-ms", type=float, default=75.0, help="time-per-output-token SLO")
-    g.add_argument("--policy", default="coserve", choices=["coserve", "temporal", "inference-only", "finetune-only"],
+    g.add_argument("--ttft-ms", type=float, default=SLO.ttft_s * 1000, help="time-to-first-token SLO")
+    g.add_argument("--tpot-ms", type=float, default=SLO.tpot_s * 1000, help="time-per-output-token SLO")
+    g.add_argument("--policy", default=WorkerOptions.policy, choices=POLICIES,
                    help="how inference and fine-tuning share an iteration")
-    g.add_argument("--max-finetune-tokens", type=int, default=256, help="fine-tuning tokens per iteration, at most")
+    g.add_argument("--max-finetune-tokens", type=int, default=WorkerOptions.max_finetune_tokens,
+                   help="fine-tuning tokens per iteration, at most")
     g.add_argument("--data-dir", action="append", default=None,
                    help="FinetuneJob datasets are read only from under this folder; repeatable (env "
                         f"FLEXLLM_DATA_DIR, {os.pathsep!r}-separated; default: the working directory)")
@@ -129,18 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "everything on this machine: embedded Redis, the bundled model behind the API, "
                            "the example FinetuneJob co-served with a generated inference load (about a minute)")
-    demo.add_argument("--model", default="smollm2-135m", help="the base model")
+    demo.add_argument("--model", default=EngineConfig.model, help="the base model")
     demo.add_argument("-f", "--file", type=Path, default=Path("examples/finetunejob.yaml"), help="the FinetuneJob")
     demo.add_argument("--rate", type=float, default=None,
                       help="inference requests per second (Poisson); default: measured, half of what this "
                            "machine serves one request at a time")
     demo.add_argument("--ttft-ms", type=float, default=None,
                       help="time-to-first-token SLO; default: measured, 10x a lone prefill (at least 1 s). "
-                           "Unlike `serve`'s fixed GPU-sized 5000 ms / 75 ms, the demo sizes its SLOs and rate "
+                           "Unlike `serve`'s fixed GPU-sized SLOs, the demo sizes its SLOs and rate "
                            "to the machine so it keeps its pace on a laptop or a loaded CPU")
     demo.add_argument("--tpot-ms", type=float, default=None,
                       help="time-per-output-token SLO; default: measured, 3x a lone decode step")
-    demo.add_argument("--max-tokens-per-batch", type=int, default=256, help="tokens one engine iteration computes")
+    demo.add_argument("--max-tokens-per-batch", type=int, default=EngineConfig.max_tokens_per_batch,
+                      help="tokens one engine iteration computes")
     demo.add_argument("--max-seconds", type=float, default=240.0,
                       help="stop the job (cancelled) and report if it has not finished by then")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), help="plot, summary, adapters")
@@ -184,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("-f", "--file", required=True, type=Path, help="the FinetuneJob manifest")
     _client_args(submit)
     submit.add_argument("--namespace", default="default", help="unless the manifest names one")
-    submit.add_argument("--model", default="smollm2-135m",
+    submit.add_argument("--model", default=EngineConfig.model,
                         help="whose tokenizer checks a local dataset before queueing (the service's base model)")
     submit.add_argument("--no-dataset-check", action="store_true",
                         help="queue without reading the dataset here (it lives where only the worker sees it)")
@@ -203,9 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _engine_config(args: argparse.Namespace):
-    from flexllm.worker.engine.config import EngineConfig
-
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         max_tokens_per_batch=args.max_tokens_per_batch, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
@@ -218,11 +225,9 @@ def _adapter_dir(args: argparse.Namespace) -> str:
     return args.adapter_dir or str(cache_dir() / "adapters")
 
 
-def _worker_options(args: argparse.Namespace, url: str):
-    from flexllm.worker.coserve.policy import SLO
+def _worker_options(args: argparse.Namespace, url: str) -> WorkerOptions:
     from flexllm.worker.engine.loader import resolve_model
     from flexllm.worker.names import InvalidNameError, validate_name
-    from flexllm.worker.serving import WorkerOptions
 
     pinned = {}
     for item in args.adapter:
@@ -364,17 +369,8 @@ def _check_dataset(spec, file: Path, model: str) -> None:
               file=sys.stderr)
 
 
-def _format_eta(seconds: str | None) -> str:
-    if not seconds:
-        return ""
-    s = int(float(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _format_loss(loss: str | None) -> str:
-    return f"{float(loss):.3f}" if loss else ""
+def _format_loss(loss: float | None) -> str:
+    return "" if loss is None else f"{loss:.3f}"
 
 
 class _Signals:
@@ -410,9 +406,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     import uvicorn
 
-    from flexllm.worker.api.app import ApiConfig, create_app
-    from flexllm.worker.metrics import Metrics
-    from flexllm.worker.serving import EngineWorker
+    from flexllm.worker.api.app import ApiConfig
+    from flexllm.worker.server import api_and_worker
 
     stop = threading.Event()
     server: uvicorn.Server | None = None
@@ -431,13 +426,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signals = _Signals(drain, force)
     signals.install()
     with listener, _RedisForCommand(args.redis_url, args.service, args.port) as url:
-        options = _worker_options(args, url)
-        metrics = Metrics(options.slo)
         config = ApiConfig(redis_url=url, service=args.service, model_name=args.served_model_name or args.model,
                            max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
                            api_key=args.api_key)
-        app = create_app(config, metrics)
+        app, worker = api_and_worker(_engine_config(args), _worker_options(args, url), config)
         api = app.state.api
 
         class DrainingServer(uvicorn.Server):
@@ -446,15 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                                                timeout_graceful_shutdown=5))
-
-        def engine_failed(error: BaseException) -> None:
-            api.engine_failed(error)
-            server.should_exit = True
-
-        worker = EngineWorker(_engine_config(args), options, metrics, _parse_job_spec,
-                              on_ready=lambda e: api.attach_model(e.tokenizer, e.max_model_len),
-                              on_failure=engine_failed)
-        engine_thread = worker.start_thread(stop)
+        engine_thread = worker.start_thread(stop)  # the API stops once the engine loop ended (or failed)
         threading.Thread(target=lambda: (engine_thread.join(), setattr(server, "should_exit", True)),
                          name="stop-api-after-engine", daemon=True).start()
         try:
@@ -529,7 +514,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flexllm.worker.names import InvalidNameError, validate_name, validate_service
-    from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+    from flexllm.worker.protocol import JobSubmission
+    from flexllm.worker.queue.jobs import JobQueue
 
     name, metadata, spec = read_job_manifest(args.file)
     try:
@@ -555,19 +541,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_rows(client, service: str | None) -> list[dict]:
+def _job_rows(client, service: str | None) -> list[tuple[str, str, JobProgress, str]]:
+    """(service, job, progress, latest adapter version) of every job; a queued job's message says when no
+    replica serves its service."""
     from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
     served = served_services(client)
     rows = []
     for svc, job in list_jobs(client, service):
         queue = JobQueue(client, svc)
-        latest = queue.latest_version(job)
-        row = {"service": svc, "job": job, **queue.progress(job),
-               "adapter": f"{job}@v{latest['version']}" if latest else ""}
-        if row.get("phase") in ("Pending", "Queued") and svc not in served:
-            row["message"] = _unserved(svc, served)
-        rows.append(row)
+        latest, progress = queue.latest_version(job), queue.progress(job)
+        if progress.phase in ("Pending", "Queued") and svc not in served:
+            progress = replace(progress, message=_unserved(svc, served))
+        rows.append((svc, job, progress, latest.name if latest else ""))
     return rows
 
 
@@ -596,13 +582,13 @@ def _cancel_or_delete(client, args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     service = _find_job(client, args.name, args.service)
     queue = JobQueue(client, service)
-    phase = queue.progress(args.name).get("phase")
+    phase = queue.progress(args.name).phase
     if phase not in TERMINAL_PHASES:
-        queue.cancel(args.name)  # a running job stops at the engine's next check (within a second)
+        queue.cancel(args.name, f"cancelled with `flexllm jobs {args.action}`")  # stops within a second
         if phase != "Running":
             queue.set_progress(args.name, phase="Cancelled", message="cancelled before it started")
         deadline = time.monotonic() + CANCEL_WAIT_S
-        while args.action == "delete" and queue.progress(args.name).get("phase") == "Running" \
+        while args.action == "delete" and queue.progress(args.name).phase == "Running" \
                 and time.monotonic() < deadline:  # its engine would write progress again after the delete
             time.sleep(0.2)
     if args.action == "delete":
@@ -626,12 +612,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch_jobs(client, args.service)
     table = Table("SERVICE", "JOB", "PHASE", "PROGRESS", "LOSS", "TOKENS/S", "ETA", "ADAPTER", "MESSAGE")
-    for row in _job_rows(client, args.service):
-        step, total = int(row.get("step") or 0), int(row.get("total_steps") or 0)
-        progress = f"{step}/{total} ({100 * step // total}%)" if total else str(step)
-        table.add_row(row["service"], row["job"], row.get("phase", ""), progress, _format_loss(row.get("loss")),
-                      row.get("tokens_per_second", ""), _format_eta(row.get("eta_seconds")), row["adapter"],
-                      row.get("message", ""))
+    for svc, job, progress, adapter in _job_rows(client, args.service):
+        speed = "" if progress.tokens_per_second is None else f"{progress.tokens_per_second:.1f}"
+        table.add_row(svc, job, progress.phase or "", progress.display, _format_loss(progress.loss), speed,
+                      progress.eta, adapter, progress.message or "")
     Console().print(table if table.row_count else f"no jobs (Redis prefix {protocol.PREFIX}:)")
     return 0
 
@@ -649,14 +633,13 @@ def _watch_jobs(client, service: str | None) -> int:
         tasks: dict[str, int] = {}
         while True:
             rows = _job_rows(client, service)
-            for row in rows:
-                key = f"{row['service']}/{row['job']}"
+            for svc, job, progress, _ in rows:
+                key = f"{svc}/{job}"
                 if key not in tasks:
                     tasks[key] = bars.add_task(key, total=None, phase="", loss="")
-                total = int(row.get("total_steps") or 0) or None
-                bars.update(tasks[key], completed=int(row.get("step") or 0), total=total,
-                            phase=row.get("phase", ""), loss=_format_loss(row.get("loss")) or "-")
-            if not rows or all(row.get("phase") in TERMINAL_PHASES for row in rows):
+                bars.update(tasks[key], completed=progress.step or 0, total=progress.total_steps,
+                            phase=progress.phase or "", loss=_format_loss(progress.loss) or "-")
+            if not rows or all(progress.phase in TERMINAL_PHASES for _, _, progress, _ in rows):
                 return 0
             time.sleep(1.0)
 

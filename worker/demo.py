@@ -22,17 +22,19 @@ import uvicorn
 import yaml
 
 from flexllm.worker import protocol
-from flexllm.worker.api.app import ApiConfig, create_app
-from flexllm.worker.coserve.policy import SLO, measure_speed
+from flexllm.worker.api.app import ApiConfig
+from flexllm.worker.coserve.policy import measure_speed
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.metrics import Metrics
 from flexllm.worker.net import free_port
+from flexllm.worker.options import SLO, WorkerOptions
+from flexllm.worker.protocol import JobSubmission
 from flexllm.worker.queue.connection import connect
-from flexllm.worker.queue.jobs import JobQueue, JobSubmission
+from flexllm.worker.queue.jobs import JobQueue
 from flexllm.worker.redis_server import EmbeddedRedis
-from flexllm.worker.serving import EngineWorker, WorkerOptions
+from flexllm.worker.server import api_and_worker
+from flexllm.worker.serving import EngineWorker
 
 PROMPTS = [
     "Explain in one sentence why the sky is blue.",
@@ -208,14 +210,11 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
     engine_config = EngineConfig(model=model, max_tokens_per_batch=max_tokens_per_batch)
     rate, slo = size_load(engine_config, rate, slo_ms, console)
     with EmbeddedRedis() as url:
-        metrics = Metrics(slo)
-        app = create_app(ApiConfig(redis_url=url, service=service, model_name="base"), metrics)
         dataset = Path(spec["dataset"]["source"].removeprefix("file://"))
         options = WorkerOptions(url, service, "demo", str(out_dir / "adapters"), slo=slo,
                                 data_dirs=[str(dataset.parent)])
-        worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
-                              on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len),
-                              on_failure=app.state.api.engine_failed)
+        app, worker = api_and_worker(engine_config, options, ApiConfig(redis_url=url, service=service,
+                                                                       model_name="base"))
         stop_worker, stop_load = threading.Event(), threading.Event()
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -240,23 +239,23 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
             with ProgressLines(console, name) as progress:
                 while True:
                     p = queue.progress(name)
-                    step, total = int(p.get("step") or 0), int(p.get("total_steps") or 0) or None
+                    step, loss = p.step or 0, float("nan") if p.loss is None else p.loss
                     if not progress_log or progress_log[-1][1] != step:
-                        progress_log.append((time.monotonic() - began, step, float(p.get("loss") or "nan")))
-                    loss = f"{float(p['loss']):.3f}" if p.get("loss") else "-"
-                    progress.update(step, total, f"{p.get('phase', '?')} loss {loss} | requests {load.done} "
-                                                 f"SLO {load.attainment:.0%}")
-                    if p.get("phase") in protocol.TERMINAL_PHASES or worker.failed is not None:
+                        progress_log.append((time.monotonic() - began, step, loss))
+                    shown = "-" if p.loss is None else f"{loss:.3f}"
+                    progress.update(step, p.total_steps, f"{p.phase or '?'} loss {shown} | requests {load.done} "
+                                                         f"SLO {load.attainment:.0%}")
+                    if p.phase in protocol.TERMINAL_PHASES or worker.failed is not None:
                         break
                     if time.monotonic() - began > max_seconds:
-                        queue.cancel(name)
+                        queue.cancel(name, f"the demo's time limit ({max_seconds:.0f} s) passed")
                         console.print(f"time limit: {max_seconds:.0f} s passed, cancelling {name} at step {step}")
                         max_seconds = float("inf")  # wait for the engine to mark it Cancelled
                     time.sleep(0.5)
             elapsed = time.monotonic() - began
             stop_load.set()
             load_thread.join(timeout=60)
-            summary = summarize(name, queue, client, load, elapsed, base, spec, slo)
+            summary = summarize(name, queue, load, elapsed, base, spec, slo)
             summary["rate"] = rate
             plot(out_dir / "demo.png", load, progress_log, name)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -270,17 +269,17 @@ def run_demo(job_file: Path, model: str, rate: float | None, slo_ms: tuple[float
                 thread.join(timeout=60)
 
 
-def summarize(name, queue, client, load, elapsed, base, spec, slo) -> dict:
-    progress = queue.progress(name)
-    versions = [json.loads(v) for v in client.lrange(protocol.job_versions(queue.service, name), 0, -1)]
-    ft_tokens = int(progress.get("step") or 0) * spec["training"].get("batchTokens", 0)
+def summarize(name, queue, load, elapsed, base, spec, slo) -> dict:
+    progress, versions = queue.progress(name), queue.versions(name)
+    steps = progress.step or 0
+    ft_tokens = steps * spec["training"].get("batchTokens", 0)
     sample_prompt = "What is the capital of France?"
     completion = complete(base, name, sample_prompt) if versions else ""
     return {
-        "job": name, "phase": progress.get("phase"), "message": progress.get("message"),
-        "steps": int(progress.get("step") or 0), "final_loss": float(progress.get("loss") or "nan"),
+        "job": name, "phase": progress.phase, "message": progress.message,
+        "steps": steps, "final_loss": float("nan") if progress.loss is None else progress.loss,
         "finetune_tokens_per_s": ft_tokens / elapsed if elapsed else 0.0,
-        "elapsed_s": elapsed, "adapter_versions": [f"{name}@v{v['version']}" for v in versions],
+        "elapsed_s": elapsed, "adapter_versions": [v.name for v in versions],
         "requests": load.done, "request_errors": load.errors, "slo_attainment": load.attainment,
         "slo": {"ttft_ms": slo.ttft_s * 1000, "tpot_ms": slo.tpot_s * 1000},
         "ttft_p50_s": percentile(load.ttfts, 50), "tpot_p50_s": percentile(load.tpots, 50),

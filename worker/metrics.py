@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexllm.worker import protocol
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.options import SLO
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, list_jobs
 
@@ -77,10 +77,10 @@ class RedisStateCollector(Collector):
             depth.add_metric(["jobs"], jobs.depth())
             for _, job in list_jobs(self.client, self.service):
                 progress = jobs.progress(job)
-                for family, field in ((step, "step"), (total, "total_steps"), (loss, "loss"),
-                                      (speed, "tokens_per_second")):
-                    if progress.get(field) not in (None, ""):
-                        family.add_metric([job], float(progress[field]))
+                for family, value in ((step, progress.step), (total, progress.total_steps), (loss, progress.loss),
+                                      (speed, progress.tokens_per_second)):
+                    if value is not None:
+                        family.add_metric([job], float(value))
         except TRANSIENT_ERRORS as error:
             log.warning("metrics: Redis unreachable: %s", error)
         yield from (depth, step, total, loss, speed)

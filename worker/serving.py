@@ -13,23 +13,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flexllm.worker import protocol
 from flexllm.worker.adapters.publisher import AdapterPublisher
 from flexllm.worker.adapters.registry import AdapterRegistry
 from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.adapters.sync import AdapterSync
 from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.jobs import CoServingJobs
-from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.lora import UnknownAdapterError
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.metrics import Metrics
+from flexllm.worker.options import WorkerOptions
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS, connect, with_backoff
 from flexllm.worker.queue.jobs import JobQueue
 from flexllm.worker.queue.messages import OutputChunk, TokenLogprob
@@ -281,25 +280,6 @@ def output_chunk(out: RequestOutput, active: ActiveRequest) -> OutputChunk:
     return OutputChunk(text=out.delta_text, token_ids=list(out.delta_token_ids), logprobs=logprobs,
                        finished=out.finished, finish_reason=out.finish_reason, prompt_tokens=active.prompt_tokens,
                        completion_tokens=active.resumed_tokens + len(out.token_ids))
-
-
-@dataclass
-class WorkerOptions:
-    """Where an engine loop gets its work and adapters, who it is, and how it co-serves."""
-
-    redis_url: str
-    service: str = "default"
-    replica: str = "local"  # the pod name in a cluster: the key of its replica hash
-    adapter_dir: str | None = None
-    reclaim_idle_ms: int = 30_000
-    max_deliveries: int = protocol.MAX_DELIVERIES  # of a request or job entry, then it is dead-lettered
-    redis_outage_s: float = 30.0  # Redis unreachable this long: the engine loop stops, the process exits
-    slo: SLO = field(default_factory=SLO)
-    policy: str = "coserve"
-    max_finetune_tokens: int = 256
-    data_dirs: list[str] = field(default_factory=list)  # FinetuneJob datasets only from under these (none: none)
-    pinned_adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, served from start
-    drain_s: float = 30.0  # on stop: how long to finish requests in flight and jobs' current steps
 
 
 class EngineWorker:

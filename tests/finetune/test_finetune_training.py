@@ -99,7 +99,7 @@ def test_adamw_loss_curve_matches_hf_peft(trained, tiny_llama_dir):
     assert len(losses) == 20
     assert losses == pytest.approx(reference, rel=1e-3)
     assert losses[-1] < losses[0] - 0.5  # it learns
-    assert runner.progress["data"]["bad"] >= 2  # the two bad lines were counted and skipped
+    assert runner.stream.stats.bad >= 2  # the two bad lines were counted and skipped
 
 
 def test_sgd_steps_match_hf_peft(tiny_llama_dir, tmp_path):

@@ -20,6 +20,7 @@ import yaml
 
 from flexllm.operator import status as st
 from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -205,11 +206,11 @@ def test_every_status_field_the_operator_writes_survives_and_fills_the_printer_c
     """The status subresource keeps all of status.py's output (nothing pruned, nothing out of bounds)."""
     assert create(kube, manifest("finetunejob.yaml", "status-job")).returncode == 0
     assert create(kube, manifest("inferenceservice.yaml", "status-service")).returncode == 0
-    raw = {"phase": "Running", "step": "3", "total_steps": "6", "loss": "1.25", "tokens_per_second": "90.5",
-           "eta_seconds": "125", "message": ""}
-    versions = [json.dumps({"version": 1, "step": 2, "loss": 1.5, "uri": "file:///adapters/v1", "time": "t"})]
-    job = st.job_status("status-job", 1, {}, raw, versions, 3, datetime.datetime.now(datetime.UTC), 5)
-    entries = [st.replica_entry("status-service-worker-0", {"ready": "1", "adapters": '["status-job@v1"]'})]
+    progress = JobProgress(phase="Running", step=3, total_steps=6, loss=1.25, tokens_per_second=90.5,
+                           eta_seconds=125, message="")
+    versions = [AdapterVersion("status-job", 1, "file:///adapters/v1", 2, 1.5, "t")]
+    job = st.job_status("status-job", 1, {}, progress, versions, 3, datetime.datetime.now(datetime.UTC), 5)
+    entries = [st.replica_entry("status-service-worker-0", ReplicaState(("status-job@v1",), True))]
     service = st.service_status(1, {}, 1, 1, entries, [], "http://status-service.schema-test.svc:8000/v1")
     for kind, name, status in (("finetunejobs", "status-job", job),
                                ("inferenceservices.flexllm.ai", "status-service", service)):

@@ -19,6 +19,7 @@ import yaml
 
 from flexllm.operator import handling
 from flexllm.operator import status as st
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,10 +112,10 @@ def test_every_status_field_the_operator_writes_is_declared():
     """Undeclared status fields would be pruned by the API server (and a value out of bounds rejects the
     whole patch): every status the operator writes validates against the schema made strict."""
     now = datetime.datetime.now(datetime.UTC)
-    job = st.job_status("j", 2, {}, {"phase": "Running", "step": "3", "total_steps": "6", "loss": "1.5",
-                                     "tokens_per_second": "9", "eta_seconds": "4", "message": "m"},
-                        ['{"version": 1, "step": 3, "loss": 1.5, "uri": "u", "time": "t"}'], 2, now, 5)
-    service = st.service_status(1, {}, 1, 1, [st.replica_entry("r", {"ready": "1", "adapters": '["j@v1"]'})],
+    progress = JobProgress(phase="Running", step=3, total_steps=6, loss=1.5, tokens_per_second=9, eta_seconds=4,
+                           message="m")
+    job = st.job_status("j", 2, {}, progress, [AdapterVersion("j", 1, "u", 3, 1.5, "t")], 2, now, 5)
+    service = st.service_status(1, {}, 1, 1, [st.replica_entry("r", ReplicaState(("j@v1",), True))],
                                 [], "http://x")
     invalid_job, invalid_service = kopf.Patch(), kopf.Patch()
     handling.mark_not_ready(invalid_job, {}, 1, "Failed", "InvalidSpec", "lora.rank: too big", terminal=True)

@@ -23,10 +23,9 @@ from pydantic_core import PydanticUndefined
 
 from flexllm.operator.models import FinetuneJobSpec, InferenceServiceSpec
 from flexllm.worker.cli import build_parser
-from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.finetune.spec import FinetuneJobSpec as WorkerJobSpec
-from flexllm.worker.serving import WorkerOptions
+from flexllm.worker.options import SLO, WorkerOptions
 
 REPO = Path(__file__).resolve().parents[2]
 SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import datetime
-import json
 
 from flexllm.operator import status as st
+from flexllm.worker.protocol import AdapterVersion, JobProgress, ReplicaState
 
 
 def test_progress_maps_counts_percent_and_eta():
-    progress = st.progress_status({"step": "30", "total_steps": "200", "loss": "0.123456",
-                                   "tokens_per_second": "1234.5", "eta_seconds": "3725"})
+    progress = st.progress_status(JobProgress.from_redis({"step": "30", "total_steps": "200", "loss": "0.123456",
+                                                          "tokens_per_second": "1234.5", "eta_seconds": "3725"}))
     assert progress == {"step": 30, "totalSteps": 200, "percent": 15, "display": "30/200 (15%)",
                         "loss": 0.1235, "tokensPerSecond": 1234.5, "etaSeconds": 3725, "eta": "1h2m"}
 
 
 def test_progress_tolerates_missing_and_bad_numbers():
-    assert st.progress_status({"step": "", "loss": "nan?"}) == {"step": 0}
-    assert st.progress_status({"step": "2", "loss": "nan", "tokens_per_second": "inf"}) == {"step": 2}
+    assert st.progress_status(JobProgress.from_redis({"step": "", "loss": "nan?"})) == {"step": 0}
+    assert st.progress_status(JobProgress.from_redis({"step": "2", "loss": "nan", "tokens_per_second": "inf"})) \
+        == {"step": 2}
 
 
 def test_adapter_versions_keep_the_newest():
-    raw = [json.dumps({"version": n, "step": n * 5, "loss": 1.0 / n, "uri": f"/a/v{n}", "time": "t"})
-           for n in (1, 2, 3)]
-    adapter = st.adapter_status("job", raw, keep=2)
+    versions = [AdapterVersion("job", n, f"/a/v{n}", n * 5, 1.0 / n, "t") for n in (1, 2, 3)]
+    adapter = st.adapter_status("job", versions, keep=2)
     assert adapter["latestVersion"] == "v3"
     assert adapter["latest"] == "job@v3"
     assert [v["version"] for v in adapter["versions"]] == ["v2", "v3"]
@@ -38,7 +38,7 @@ def at(seconds: float) -> datetime.datetime:
 
 
 def job(old: dict, raw: dict, seconds: float = 0, interval_s: float = 5, generation: int = 1) -> dict:
-    return st.job_status("j", generation, old, raw, [], 5, at(seconds), interval_s)
+    return st.job_status("j", generation, old, JobProgress.from_redis(raw), [], 5, at(seconds), interval_s)
 
 
 def test_job_status_sets_times_once_and_ready_condition():
@@ -104,8 +104,7 @@ def test_conditions_keep_transition_time_while_status_is_unchanged():
 
 
 def replica(name: str, adapters: list[str], ready: bool = True, failed: dict | None = None) -> dict:
-    return st.replica_entry(name, {"ready": "1" if ready else "0", "adapters": json.dumps(adapters),
-                                   "failed": json.dumps(failed or {})})
+    return st.replica_entry(name, ReplicaState(tuple(adapters), ready, failed=failed or {}))
 
 
 def test_served_summary_counts_partial_rollouts_on_ready_replicas():

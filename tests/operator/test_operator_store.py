@@ -1,4 +1,5 @@
-"""The operator's Redis side against a real Valkey server (the protocol in flexllm.worker.protocol)."""
+"""The operator's Redis side against a real Valkey server (the protocol in flexllm.worker.protocol, through
+the worker's own JobQueue)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis
 
 from flexllm.operator.store import JobStore, transient_redis_errors
 from flexllm.worker import protocol
+from flexllm.worker.protocol import JobCancel, JobProgress, JobSubmission, ReplicaState
 
 pytestmark = pytest.mark.timeout(60)
 SERVICE = "ns.store-test"
@@ -22,33 +24,36 @@ def store(redis_client: redis.Redis) -> JobStore:
 
 
 def test_submit_queues_once(store, redis_client):
-    assert store.submit(SERVICE, "job", "ns", {"lora": {"rank": 8}}) is True
-    assert store.submit(SERVICE, "job", "ns", {"lora": {"rank": 8}}) is False  # an operator restart
+    jobs = store.jobs(SERVICE)
+    assert jobs.submit(JobSubmission("job", "ns", {"lora": {"rank": 8}})) is True
+    assert jobs.submit(JobSubmission("job", "ns", {"lora": {"rank": 8}})) is False  # an operator restart
     (entry_id, fields), = redis_client.xrange(protocol.job_stream(SERVICE))
     assert json.loads(fields["data"]) == {"name": "job", "namespace": "ns", "spec": {"lora": {"rank": 8}}}
-    assert store.progress(SERVICE, "job")["phase"] == "Queued"
+    progress = jobs.progress("job")
+    assert (progress.phase, progress.step) == ("Queued", 0) and progress.updated is not None
 
 
 def test_cleanup_keeps_only_the_cancel_flag_and_other_jobs(store, redis_client):
-    store.submit(SERVICE, "job", "ns", {})
-    store.submit(SERVICE, "other", "ns", {})
+    jobs = store.jobs(SERVICE)
+    jobs.submit(JobSubmission("job", "ns", {}))
+    jobs.submit(JobSubmission("other", "ns", {}))
     redis_client.rpush(protocol.job_versions(SERVICE, "job"), "{}")
-    store.cancel(SERVICE, "job")
-    store.cleanup(SERVICE, "job", "ns")
-    assert store.progress(SERVICE, "job") == {} and store.versions(SERVICE, "job") == []
+    jobs.cancel("job", "the FinetuneJob was deleted")
+    jobs.delete("job", "ns")
+    assert jobs.progress("job") == JobProgress() and jobs.versions("job") == []
     assert [json.loads(f["data"])["name"] for _, f in redis_client.xrange(protocol.job_stream(SERVICE))] == ["other"]
-    assert redis_client.get(protocol.job_cancel_flag(SERVICE, "job")) == "1"
+    assert jobs.cancellation("job") == JobCancel("the FinetuneJob was deleted")
     assert 0 < redis_client.ttl(protocol.job_cancel_flag(SERVICE, "job")) <= protocol.CANCEL_FLAG_TTL_S
 
 
 def test_replicas_lists_live_replica_hashes(store, redis_client):
     redis_client.hset(protocol.replica_state(SERVICE, "pod-a"), mapping={"ready": "1", "adapters": "[]"})
     redis_client.hset(protocol.replica_state("ns.other", "pod-b"), mapping={"ready": "1"})
-    assert store.replicas(SERVICE) == {"pod-a": {"ready": "1", "adapters": "[]"}}
+    assert store.replicas(SERVICE) == {"pod-a": ReplicaState((), ready=True)}
 
 
 def test_redis_down_is_a_temporary_error():
     down = JobStore.connect("redis://127.0.0.1:1/0", None)
     with pytest.raises(kopf.TemporaryError, match="Redis unavailable") as error, transient_redis_errors(3):
-        down.progress(SERVICE, "job")
+        down.jobs(SERVICE).progress("job")
     assert error.value.delay == 3

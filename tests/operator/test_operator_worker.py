@@ -26,6 +26,8 @@ import httpx
 import pytest
 
 from flexllm.worker import protocol
+from flexllm.worker.protocol import JobCancel
+from flexllm.worker.queue.jobs import JobQueue
 
 from .conftest import REDIS_PASSWORD, apply, example, poll
 from .pods import Replica, status_of, table, worker_pod
@@ -181,14 +183,15 @@ def test_kubectl_delete_cancels_the_running_job_and_cleans_its_redis_state(
     # The engine stopped the job (Cancelled) before the operator cleaned up: then the hash is gone.
     assert recorder.phases[-2:] == ["Cancelled", None], recorder.phases
     assert took < 15
-    assert "job long-lora cancelled" in replica.log_text()
+    assert "job long-lora cancelled: the FinetuneJob was deleted" in replica.log_text()
     assert not redis_client.exists(protocol.job_progress(SERVICE_KEY, "long-lora"))
     assert not redis_client.exists(protocol.job_versions(SERVICE_KEY, "long-lora"))
     entries = redis_client.xrange(protocol.job_stream(SERVICE_KEY))
     assert [json.loads(fields["data"])["name"] for _, fields in entries] == ["tiny-lora"]
     pending = redis_client.xpending(protocol.job_stream(SERVICE_KEY), protocol.ENGINE_GROUP)
     assert pending["pending"] == 0, "the worker still holds a job entry"
-    assert redis_client.get(cancel_flag) == "1" and redis_client.ttl(cancel_flag) > 0
+    assert JobQueue(redis_client, SERVICE_KEY).cancellation("long-lora") == JobCancel("the FinetuneJob was deleted")
+    assert redis_client.ttl(cancel_flag) > 0
     assert {"Queued", "Running"} <= reasons_of(api_server, "long-lora")
 
     # The replica keeps serving: the finished job's adapter is still there, and the base model answers.

@@ -15,14 +15,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from flexllm.worker.api.app import ApiConfig, create_app
+from flexllm.worker.api.app import ApiConfig
 from flexllm.worker.engine.config import EngineConfig
-from flexllm.worker.finetune.spec import FinetuneJobSpec
-from flexllm.worker.metrics import Metrics
 from flexllm.worker.net import free_port
+from flexllm.worker.options import WorkerOptions
 from flexllm.worker.queue.connection import connect
 from flexllm.worker.redis_server import EmbeddedRedis
-from flexllm.worker.serving import EngineWorker, WorkerOptions
+from flexllm.worker.server import api_and_worker
+from flexllm.worker.serving import EngineWorker
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +93,11 @@ def start_server(model_dir: Path, redis_url: str, adapter_dir: Path, data_dirs: 
     """(context manager, RunningServer-to-be) for an API + engine loop on a fresh service; datasets are
     read from under ``data_dirs`` (default: the system's temporary folder, where pytest's folders are)."""
     service = unique_service()
-    metrics = Metrics()
     config = ApiConfig(redis_url=redis_url, service=service, model_name="tiny", **api_overrides)
-    app = create_app(config, metrics)
     engine_config = EngineConfig(model=str(model_dir), max_model_len=256, num_kv_blocks=64, max_num_seqs=16)
     options = WorkerOptions(redis_url, service, f"replica-{service}", str(adapter_dir), reclaim_idle_ms=1000,
                             data_dirs=data_dirs if data_dirs is not None else [tempfile.gettempdir()])
-    worker = EngineWorker(engine_config, options, metrics, FinetuneJobSpec.model_validate,
-                          on_ready=lambda e: app.state.api.attach_model(e.tokenizer, e.max_model_len))
+    app, worker = api_and_worker(engine_config, options, config)
     return ServerThread(app, worker), app, service, worker
 
 

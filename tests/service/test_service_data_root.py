@@ -44,7 +44,7 @@ def run_job(server: RunningServer, redis_client, name: str, source: str) -> dict
     queue = JobQueue(redis_client, server.service)
     spec = job_spec("unused", max_steps=2, every=2) | {"dataset": {"source": source, "format": "prompt-completion"}}
     assert queue.submit(JobSubmission(name, "default", spec))
-    wait_for(lambda: queue.progress(name).get("phase") in ("Failed", "Succeeded"), 120, f"job {name} to end")
+    wait_for(lambda: queue.progress(name).phase in ("Failed", "Succeeded"), 120, f"job {name} to end")
     return queue.progress(name)
 
 
@@ -62,8 +62,8 @@ def test_datasets_outside_the_root_fail_alike_whether_or_not_they_exist(rooted_s
     for kind, sources in pairs.items():
         for index, source in enumerate(sources):
             progress = run_job(rooted_server, redis_client, f"{kind}-{index}", source)
-            assert progress["phase"] == "Failed", (source, progress)
-            messages.add(progress["message"].replace(source, "<source>"))
+            assert progress.phase == "Failed", (source, progress)
+            messages.add(progress.message.replace(source, "<source>"))
     assert len(messages) == 1, messages  # one message: nothing tells an existing file from a missing one
     assert str(root) in messages.pop()
     body = {"model": "tiny", "prompt": "still serving?", "max_tokens": 2}
@@ -76,8 +76,8 @@ def test_dataset_inside_the_root_trains(rooted_server, redis_client, folders):
     (root / "sub" / "inner.jsonl").symlink_to(root / "train.jsonl")  # a link that stays inside is fine
     for name, source in (("inside", f"file://{root}/train.jsonl"), ("inside-link", str(root / "sub" / "inner.jsonl"))):
         progress = run_job(rooted_server, redis_client, name, source)
-        assert progress["phase"] == "Succeeded", progress
-        assert progress["step"] == "2"
+        assert progress.phase == "Succeeded", progress
+        assert progress.step == 2
 
 
 def test_data_roots_default_to_the_working_directory_where_relative_sources_resolve(tmp_path, monkeypatch):

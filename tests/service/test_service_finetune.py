@@ -60,9 +60,9 @@ def versions(redis_client, service: str, job: str) -> list[dict]:
 def test_job_trains_in_the_serving_loop_and_is_served(server, redis_client, dataset):
     queue = JobQueue(redis_client, server.service)
     assert queue.submit(JobSubmission("math", "default", job_spec(dataset, max_steps=4, every=2)))
-    wait_for(lambda: queue.progress("math").get("phase") == "Succeeded", 120, "the job to succeed")
+    wait_for(lambda: queue.progress("math").phase == "Succeeded", 120, "the job to succeed")
     progress = queue.progress("math")
-    assert progress["step"] == progress["total_steps"] == "4" and float(progress["loss"]) > 0
+    assert progress.step == progress.total_steps == 4 and progress.loss > 0
     assert [v["step"] for v in versions(redis_client, server.service, "math")] == [2, 4]
     body = {"model": "math", "prompt": "Q3: 3 + 1 =", "max_tokens": 3, "temperature": 0}
     reply = wait_for(lambda: (r := httpx.post(f"{server.base_url}/v1/completions", json=body)).status_code == 200
@@ -77,8 +77,8 @@ def test_broken_dataset_fails_the_job_not_the_worker(server, redis_client, tmp_p
     bad.write_text("not json\n{\"nope\": 1}\n")
     queue = JobQueue(redis_client, server.service)
     queue.submit(JobSubmission("broken", "default", job_spec(bad, max_steps=2, every=1)))
-    wait_for(lambda: queue.progress("broken").get("phase") == "Failed", 60, "the job to fail")
-    assert "bad.jsonl" in queue.progress("broken")["message"]
+    wait_for(lambda: queue.progress("broken").phase == "Failed", 60, "the job to fail")
+    assert "bad.jsonl" in queue.progress("broken").message
     body = {"model": "tiny", "prompt": "still serving?", "max_tokens": 2}
     assert httpx.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
 
@@ -103,10 +103,10 @@ def test_killed_worker_mid_job_is_resumed_from_the_last_version(tiny_llama_dir, 
         wait_for(lambda: versions(redis_client, service, "resumable"), 120, "a first version")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-        killed_at = int(queue.progress("resumable")["step"])
+        killed_at = queue.progress("resumable").step
         assert killed_at < 30, "the job finished before the kill"
         second = start_worker(tiny_llama_dir, redis_url, service, tmp_path, dataset.parent)
-        wait_for(lambda: queue.progress("resumable").get("phase") == "Succeeded", 180, "the resumed job to finish")
+        wait_for(lambda: queue.progress("resumable").phase == "Succeeded", 180, "the resumed job to finish")
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -24,6 +24,7 @@ from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.spec import FinetuneJobSpec
+from flexllm.worker.protocol import JobCancel
 from flexllm.worker.queue.deadletter import dead_letters
 from flexllm.worker.queue.intake import JobIntake
 from flexllm.worker.queue.jobs import JobQueue, JobSubmission
@@ -140,7 +141,7 @@ def test_bad_job_names_are_dead_lettered_by_the_worker_intake_which_goes_on(serv
     records = dead_letters(redis_client, server.service)[-len(BAD_NAMES):]
     assert [json.loads(r["data"])["name"] for r in records] == BAD_NAMES
     assert all("invalid job name" in r["error"] for r in records)
-    assert redis_client.get(protocol.job_cancel_flag(server.service, "x")) == "1"  # untouched
+    assert queue.cancellation("x") == JobCancel()  # untouched
     assert not redis_client.exists(protocol.job_progress(server.service, "tiny-lora\n"))
     assert complete(server.base_url, max_tokens=4).status_code == 200
 
@@ -218,10 +219,10 @@ def test_a_poison_job_is_dead_lettered_and_failed_after_max_deliveries(redis_cli
         wait_until(intake.poll, 10, f"delivery {attempt}")
         assert [name for name, _ in handler.accepted] == ["poison"]
     last = JobIntake(queue, "engine-b", RecordingJobHandler(), FinetuneJobSpec.model_validate, reclaim_idle_ms=100)
-    wait_until(lambda: last.poll() == 0 and queue.progress("poison")["phase"] == "Failed", 10, "delivery 4")
+    wait_until(lambda: last.poll() == 0 and queue.progress("poison").phase == "Failed", 10, "delivery 4")
     assert last.handler.accepted == []
     progress = queue.progress("poison")
-    assert progress["phase"] == "Failed" and "delivered 4 times" in progress["message"]
+    assert progress.phase == "Failed" and "delivered 4 times" in progress.message
     [record] = dead_letters(redis_client, queue.service)
     assert json.loads(record["data"])["name"] == "poison" and record["stream"] == queue.stream
     assert redis_client.xlen(queue.stream) == 0 and queue.depth() == 0

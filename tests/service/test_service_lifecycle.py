@@ -185,24 +185,24 @@ def test_worker_sigterm_mid_job_checkpoints_it_and_another_resumes(tiny_llama_di
     try:
         a, log_a = flexllm(tmp_path, "worker-a", *common)
         processes.append(a)
-        wait_for(lambda: int(queue.progress("drained").get("step") or 0) >= 2 or a.poll() is not None, START_S,
+        wait_for(lambda: (queue.progress("drained").step or 0) >= 2 or a.poll() is not None, START_S,
                  "two steps")
-        seen = int(queue.progress("drained")["step"])
+        seen = queue.progress("drained").step
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=90) == 0, log_a.read_text()
         handed_back = queue.progress("drained")
         drained_at = [v["step"] for v in versions(redis_client, service, "drained")]
-        assert handed_back["phase"] == "Queued" and "handed back by worker-a" in handed_back["message"]
+        assert handed_back.phase == "Queued" and "handed back by worker-a" in handed_back.message
         assert len(drained_at) == 1 and seen <= drained_at[0] < 20  # every finished step is in that version
-        assert handed_back["step"] == str(drained_at[0])
+        assert handed_back.step == drained_at[0]
         b, log_b = flexllm(tmp_path, "worker-b", *common)
         processes.append(b)
-        wait_for(lambda: queue.progress("drained").get("phase") == "Succeeded" or b.poll() is not None,
+        wait_for(lambda: queue.progress("drained").phase == "Succeeded" or b.poll() is not None,
                  START_S + 180, "the resumed job to finish")
     finally:
         for process in processes:
             stop(process)
-    assert queue.progress("drained")["phase"] == "Succeeded", log_b.read_text()
+    assert queue.progress("drained").phase == "Succeeded", log_b.read_text()
     assert [v["step"] for v in versions(redis_client, service, "drained")] == [drained_at[0], 20]
 
 

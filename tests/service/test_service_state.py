@@ -72,15 +72,15 @@ def test_job_intake_validates_and_respects_cancel(redis_client):
     handler = RecordingJobHandler()
     assert JobIntake(queue, "engine-1", handler, FinetuneJobSpec.model_validate).poll() == 3
     assert [name for name, _ in handler.accepted] == ["good"] and handler.reclaimed == [False]
-    assert queue.progress("good")["phase"] == "Queued"
+    assert queue.progress("good").phase == "Queued"
     pending = redis_client.xpending(queue.stream, protocol.ENGINE_GROUP)
     assert pending["pending"] == 1, "an accepted job stays pending until it ends"
     # a replica that dies with the job is replaced: after the idle time another one reclaims it
     other = RecordingJobHandler()
     assert JobIntake(queue, "engine-2", other, FinetuneJobSpec.model_validate, reclaim_idle_ms=0).poll() == 1
     assert other.accepted == handler.accepted and other.reclaimed == [True]
-    assert queue.progress("bad")["phase"] == "Failed" and "invalid spec" in queue.progress("bad")["message"]
-    assert queue.progress("gone")["phase"] == "Cancelled"
+    assert queue.progress("bad").phase == "Failed" and "invalid spec" in queue.progress("bad").message
+    assert queue.progress("gone").phase == "Cancelled"
     assert queue.depth() == 0
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import redis
 
 from flexllm.worker import protocol
-from flexllm.worker.adapters.store import AdapterStore, AdapterVersion
+from flexllm.worker.adapters.store import AdapterStore
 from flexllm.worker.names import split_version
+from flexllm.worker.protocol import AdapterAnnouncement, AdapterVersion
 
 
 class UnknownModelError(KeyError):
@@ -61,8 +60,7 @@ class AdapterRegistry:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.key, version.name, version.to_json())
         pipe.rpush(protocol.job_versions(self.service, version.adapter), version.to_json())
-        pipe.publish(protocol.adapter_channel(self.service),
-                     json.dumps({"adapter": version.adapter, "version": version.version, "uri": version.uri}))
+        pipe.publish(protocol.adapter_channel(self.service), AdapterAnnouncement(version).to_json())
         pipe.execute()
 
     def retire(self, versions: list[AdapterVersion]) -> None:
@@ -72,8 +70,7 @@ class AdapterRegistry:
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(self.key, *(v.name for v in versions))
         for v in versions:
-            pipe.publish(protocol.adapter_channel(self.service),
-                         json.dumps({"adapter": v.adapter, "version": v.version, "uri": v.uri, "removed": True}))
+            pipe.publish(protocol.adapter_channel(self.service), AdapterAnnouncement(v, removed=True).to_json())
         pipe.execute()
 
     def versions(self) -> dict[str, AdapterVersion]:
@@ -87,5 +84,5 @@ class AdapterRegistry:
         for version in added:
             self.client.hset(self.key, version.name, version.to_json())
         if added:
-            self.client.publish(protocol.adapter_channel(self.service), json.dumps({"resync": True}))
+            self.client.publish(protocol.adapter_channel(self.service), AdapterAnnouncement().to_json())
         return added

@@ -2,55 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from flexllm.worker.names import validate_name
+from flexllm.worker.protocol import AdapterVersion
 
 _VERSION_DIR = re.compile(r"v([0-9]+)")
-
-
-def version_name(adapter: str, version: int) -> str:
-    """The name a version is served under: ``<adapter>@v<N>``."""
-    return f"{adapter}@v{version}"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One published version (also the JSON of the registry and of ``job:{job}:versions``)."""
-
-    adapter: str
-    version: int
-    uri: str  # file:// URI of the PEFT folder on the shared volume
-    step: int = 0
-    loss: float = 0.0
-    time: str = field(default_factory=_now)
-
-    @property
-    def name(self) -> str:
-        return version_name(self.adapter, self.version)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.uri.removeprefix("file://"))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, data: str) -> AdapterVersion:
-        return cls(**json.loads(data))
 
 
 class AdapterStore:

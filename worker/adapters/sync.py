@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ import redis
 
 from flexllm.worker import protocol
 from flexllm.worker.adapters.registry import AdapterRegistry
+from flexllm.worker.protocol import ReplicaState
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class AdapterSync:
         """Write what this replica really serves into its replica hash (expires unless refreshed)."""
         key = protocol.replica_state(self.service, self.replica)
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping={"adapters": json.dumps(sorted(self.engine.list_loras())),
-                                "ready": "1" if ready else "0", "updated": int(time.time()),
-                                "failed": json.dumps(self.failed)})
+        state = ReplicaState(tuple(self.engine.list_loras()), ready, int(time.time()), dict(self.failed))
+        pipe.hset(key, mapping=state.to_redis())
         pipe.expire(key, protocol.REPLICA_TTL_S)
         pipe.execute()

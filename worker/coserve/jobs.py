@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ class CoServingJobs:
         for name, job in list(self.coserve.jobs.items()):
             if job.runner.at_step_boundary and name in self.entries:
                 latest = self.queue.latest_version(name)
-                self._hand_back(name, checkpoint=job.runner.step > (latest["step"] if latest else 0))
+                self._hand_back(name, checkpoint=job.runner.step > (latest.step if latest else 0))
 
     def hand_back(self) -> None:
         """Hand back the jobs still here (mid-step: the partial step is lost, they resume from their latest
@@ -141,16 +142,17 @@ class CoServingJobs:
             runner.publish()
             self._report(name, runner, "Running")
         latest = self.queue.latest_version(name)
-        resume = f"v{latest['version']} (step {latest['step']})" if latest else "the start"
+        resume = f"v{latest.version} (step {latest.step})" if latest else "the start"
         self.queue.set_progress(name, phase="Queued", message=f"handed back by {self.consumer}: resumes from {resume}")
         self.queue.hand_back(self.consumer, [self.entries.pop(name)])
         log.info("job %s handed back: resumes from %s", name, resume)
 
     def _check_cancelled(self) -> None:
         for name in list(self.entries):
-            if self.queue.is_cancelled(name):
+            cancel = self.queue.cancellation(name)
+            if cancel is not None:
                 self._forget(name)
-                self._end(name, self.entries.pop(name), "Cancelled", "cancelled")
+                self._end(name, self.entries.pop(name), "Cancelled", cancel.reason)
 
     def _forget(self, name: str) -> FinetuneRunner | None:
         """Take a job out of training, or drop its build (its runner, if being built, is discarded)."""
@@ -160,10 +162,7 @@ class CoServingJobs:
         return self.coserve.remove_job(name)
 
     def _report(self, name: str, runner: FinetuneRunner, phase: str, message: str | None = None) -> None:
-        p = runner.progress
-        self.queue.set_progress(name, phase=phase, step=p["step"], total_steps=p["totalSteps"], loss=p["loss"],
-                                tokens_per_second=round(p["tokensPerSecond"], 2), eta_seconds=p["etaSeconds"],
-                                message=message)
+        self.queue.write_progress(name, replace(runner.progress, phase=phase, message=message))
 
     def _end(self, name: str, entry_id: str | None, phase: str | None, message: str | None = None) -> None:
         if phase is not None:

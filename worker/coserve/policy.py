@@ -16,22 +16,7 @@ import time
 from dataclasses import dataclass
 
 from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
-
-POLICIES = ("coserve", "temporal", "inference-only", "finetune-only")
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float = 5.0
-    tpot_s: float = 0.075
-
-    def __post_init__(self) -> None:
-        if self.ttft_s <= 0 or self.tpot_s <= 0:
-            raise ValueError("SLOs must be > 0")
-
-    def met(self, ttft_s: float, tpot_s: float | None) -> bool:
-        """Both must hold; a one-token output has no TPOT."""
-        return ttft_s <= self.ttft_s and (tpot_s is None or tpot_s <= self.tpot_s)
+from flexllm.worker.options import POLICIES, SLO
 
 
 @dataclass(frozen=True)

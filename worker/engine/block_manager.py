@@ -34,7 +34,3 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(reversed(seq.block_table))
         seq.block_table = []
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """KV-cache slot of token ``position`` of ``seq``."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

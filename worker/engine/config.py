@@ -1,17 +1,21 @@
-"""Engine configuration: what the CLI flags and the InferenceService's `engine` spec set."""
+"""Engine configuration: what the CLI flags and the InferenceService's `engine` spec set.
+
+Torch-free at import: ``flexllm``'s argument parser and the operator's InferenceService model take
+their defaults from these fields (one source), and neither may pull in torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from flexllm.worker.engine.loader import DEFAULT_MODEL, parse_dtype
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
 class EngineConfig:
-    model: str = DEFAULT_MODEL
+    model: str = "smollm2-135m"  # the bundled model (loader.BUNDLED_MODELS)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     max_tokens_per_batch: int = 256
@@ -31,12 +35,18 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        from flexllm.worker.engine.loader import parse_dtype
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return parse_dtype(self.dtype)

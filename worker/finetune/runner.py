@@ -38,6 +38,7 @@ from flexllm.worker.finetune.lora_params import LoRAWeights
 from flexllm.worker.finetune.optimizer import build_optimizer, optimizer_step
 from flexllm.worker.finetune.spec import FinetuneJobSpec
 from flexllm.worker.finetune.work import BatchWork, Unit, whole_budget
+from flexllm.worker.protocol import JobProgress
 
 TRAINER_STATE = "trainer_state.pt"
 METADATA = "metadata.json"  # step, loss, tokens, time of a version
@@ -190,21 +191,12 @@ class FinetuneRunner:
 
     # -- progress, versions, checkpoints -----------------------------------------------------
     @property
-    def progress(self) -> dict:
-        """camelCase like the CR's ``status.progress``, plus data and version details."""
+    def progress(self) -> JobProgress:
+        """The job's progress hash as far as the runner knows it (the job handler adds phase and message)."""
         rate = self.tokens / self.busy_seconds if self.busy_seconds else 0.0
         remaining = (self.total_steps - self.step) * (self.tokens / self.step) if self.step else None
-        return {
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "percent": int(100 * self.step / self.total_steps),
-            "loss": self.loss,
-            "tokensPerSecond": rate,
-            "tokens": self.tokens,
-            "etaSeconds": int(remaining / rate) if remaining is not None and rate else None,
-            "latestVersion": self.latest_version,
-            "data": asdict(self.stream.stats),
-        }
+        return JobProgress(step=self.step, total_steps=self.total_steps, loss=self.loss, tokens_per_second=rate,
+                           eta_seconds=int(remaining / rate) if remaining is not None and rate else None)
 
     def state_dict(self) -> dict:
         """Everything beyond the adapter weights needed to resume at this step boundary."""

@@ -60,7 +60,7 @@ class JobIntake:
         if self.queue.is_cancelled(job.name):
             self.queue.set_progress(job.name, phase="Cancelled", message="cancelled before it started")
             return False
-        if self.queue.progress(job.name).get("phase") in protocol.TERMINAL_PHASES:
+        if self.queue.progress(job.name).phase in protocol.TERMINAL_PHASES:
             return False  # reclaimed after its replica ended it but died before the acknowledgement
         try:
             spec = self.parse_spec(job.spec)

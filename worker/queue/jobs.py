@@ -1,52 +1,33 @@
-"""FinetuneJob intake (job stream, consumer group ``engines``), progress hashes and cancel flags."""
+"""One service's FinetuneJobs in Redis: the job stream (consumer group ``engines``), progress hashes,
+cancel flags and published versions, written and read as ``protocol``'s messages. The worker, the CLI
+and the operator all go through ``JobQueue`` (torch-free)."""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from flexllm.worker import protocol
-from flexllm.worker.names import validate_name
+from flexllm.worker.protocol import AdapterVersion, JobCancel, JobProgress, JobSubmission
 from flexllm.worker.queue.connection import ensure_group, hand_back
 from flexllm.worker.queue.deadletter import screen
 
 
-@dataclass
-class JobSubmission:
-    """A job entry: the FinetuneJob's name, namespace and CR spec (camelCase, as in the YAML)."""
-
-    name: str
-    namespace: str
-    spec: dict[str, Any]
-    reclaimed: bool = False  # taken over from a dead replica: resume from its last version
-
-    @classmethod
-    def from_json(cls, data: str) -> JobSubmission:
-        """Raises ``ValueError`` (``InvalidNameError`` for a name that breaks the rule), ``KeyError``, ``TypeError``."""
-        raw = json.loads(data)
-        return cls(validate_name(raw["name"], "job"), str(raw.get("namespace", "default")), dict(raw["spec"]))
-
-    def to_json(self) -> str:
-        return json.dumps({"name": self.name, "namespace": self.namespace, "spec": self.spec})
-
-
 class JobQueue:
-    """One service's job stream, progress and cancel flags (the worker and CLI side of the protocol)."""
+    """One service's job stream, progress, cancel flags and versions."""
 
     def __init__(self, client: redis.Redis, service: str, max_deliveries: int = protocol.MAX_DELIVERIES):
         self.client, self.service, self.max_deliveries = client, service, max_deliveries
         self.stream = protocol.job_stream(service)
 
     def submit(self, job: JobSubmission) -> bool:
-        """Queue a job unless one of that name exists; True if queued now (same rule as the operator)."""
-        progress = protocol.job_progress(self.service, job.name)
-        if not self.client.hsetnx(progress, "phase", "Queued"):
+        """Queue a job unless one of that name exists; True if queued now (idempotent: an operator restart
+        submits again)."""
+        if not self.client.hsetnx(protocol.job_progress(self.service, job.name), "phase", "Queued"):
             return False
-        self.client.hset(progress, mapping={"step": 0, "updated": int(time.time())})
+        self.write_progress(job.name, JobProgress(step=0))
         self.client.delete(protocol.job_cancel_flag(self.service, job.name))
         self.client.xadd(self.stream, {"data": job.to_json()})
         return True
@@ -102,22 +83,32 @@ class JobQueue:
         group = groups.get(protocol.ENGINE_GROUP)
         return self.client.xlen(self.stream) if group is None else int(group.get("lag") or 0)
 
-    def set_progress(self, job: str, **fields: Any) -> None:
-        """Update ``PROGRESS_FIELDS`` of a job (``updated`` is set here)."""
-        unknown = set(fields) - set(protocol.PROGRESS_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown progress fields {sorted(unknown)}")
-        mapping = {k: v for k, v in fields.items() if v is not None} | {"updated": int(time.time())}
+    def write_progress(self, job: str, progress: JobProgress) -> None:
+        """Set the fields of ``progress`` that are set (``updated`` is set here)."""
+        mapping = progress.to_redis() | {"updated": int(time.time())}
         self.client.hset(protocol.job_progress(self.service, job), mapping=mapping)
 
-    def progress(self, job: str) -> dict[str, str]:
-        return self.client.hgetall(protocol.job_progress(self.service, job))
+    def set_progress(self, job: str, **fields: Any) -> None:
+        """``write_progress`` of ``JobProgress(**fields)`` (an unknown field is a ``TypeError``)."""
+        self.write_progress(job, JobProgress(**fields))
+
+    def progress(self, job: str) -> JobProgress:
+        """The job's progress; every field unset when the job does not exist."""
+        return JobProgress.from_redis(self.client.hgetall(protocol.job_progress(self.service, job)))
+
+    def cancellation(self, job: str) -> JobCancel | None:
+        """The job's cancel flag, None unless it was cancelled."""
+        raw = self.client.get(protocol.job_cancel_flag(self.service, job))
+        return None if raw is None else JobCancel.from_json(raw)
 
     def is_cancelled(self, job: str) -> bool:
-        return self.client.get(protocol.job_cancel_flag(self.service, job)) == "1"
+        return self.cancellation(job) is not None
 
-    def cancel(self, job: str) -> None:
-        self.client.set(protocol.job_cancel_flag(self.service, job), "1", ex=protocol.CANCEL_FLAG_TTL_S)
+    def cancel(self, job: str, reason: str = JobCancel.reason) -> None:
+        """Raise the job's cancel flag (``reason`` becomes its message); it outlives the job's other keys for
+        ``CANCEL_FLAG_TTL_S``."""
+        self.client.set(protocol.job_cancel_flag(self.service, job), JobCancel(reason).to_json(),
+                        ex=protocol.CANCEL_FLAG_TTL_S)
 
     def delete(self, job: str, namespace: str | None = None) -> None:
         """Remove a job's progress and versions, and its stream entry if no engine took it yet (of
@@ -125,15 +116,20 @@ class JobQueue:
         self.client.delete(protocol.job_progress(self.service, job), protocol.job_versions(self.service, job))
         for entry_id, fields in self.client.xrange(self.stream):
             try:
-                data = json.loads(fields.get("data", "{}"))
-            except ValueError:
-                continue
-            if data.get("name") == job and namespace in (None, data.get("namespace")):
+                entry = JobSubmission.from_json(fields.get("data", ""))
+            except (ValueError, KeyError, TypeError):
+                continue  # unreadable: dead-lettered when an engine claims it
+            if entry.name == job and namespace in (None, entry.namespace):
                 self.client.xdel(self.stream, entry_id)
 
-    def latest_version(self, job: str) -> dict[str, Any] | None:
+    def versions(self, job: str) -> list[AdapterVersion]:
+        """The versions the job published, oldest first (including those garbage-collected since)."""
+        raw = self.client.lrange(protocol.job_versions(self.service, job), 0, -1)
+        return [AdapterVersion.from_json(version) for version in raw]
+
+    def latest_version(self, job: str) -> AdapterVersion | None:
         last = self.client.lindex(protocol.job_versions(self.service, job), -1)
-        return json.loads(last) if last else None
+        return AdapterVersion.from_json(last) if last else None
 
 
 def list_jobs(client: redis.Redis, service: str | None) -> list[tuple[str, str]]:
