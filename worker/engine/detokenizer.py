@@ -31,21 +31,17 @@ class IncrementalDetokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def update(self, token_ids: list[int], end: int, flush: bool = False) -> str:
-        """Decode ``token_ids[:end]`` past what is done; -> the text added (also to ``self.text``).
+    def update(self, token_ids: list[int], end: int, flush: bool = False) -> None:
+        """Add the text of ``token_ids[:end]`` past what is done to ``self.text``, unless it ends in a
+        character still incomplete.
         ``flush`` (the request finishes) adds even an incomplete character, as a full decode would."""
         window_text = self.decode(token_ids[self.prefix_offset:end])
         if not flush and (len(window_text) <= len(self.prefix_text) or window_text.endswith(REPLACEMENT_CHAR)):
-            return ""
+            return
         new_text = window_text[len(self.prefix_text):]
-        read_text = self.decode(token_ids[self.read_offset:end])
-        if read_text:  # the new context; one that decodes to nothing (special tokens) would lose a space
-            self.prefix_offset, self.prefix_text = self.read_offset, read_text
-        else:
-            self.prefix_text = window_text
-        self.read_offset = end
+        self.prefix_offset, self.read_offset = self.read_offset, end
+        self.prefix_text = self.decode(token_ids[self.prefix_offset:end])
         self.text += new_text
-        return new_text
 
 
 def find_stop(text: str, new_from: int, stops: list[str]) -> int | None:
