@@ -7,7 +7,14 @@ import pytest
 import torch
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
-from flexllm.worker.engine.sampling import SampledToken, SamplingParams, _apply_penalties, sample
+from flexllm.worker.engine.sampling import (
+    NUCLEUS_CANDIDATES,
+    SampledToken,
+    SamplingParams,
+    _apply_penalties,
+    _outside_nucleus,
+    sample,
+)
 from flexllm.worker.engine.sequence import Sequence
 
 from .conftest import DEVICE, make_engine
@@ -112,3 +119,23 @@ def test_engine_outputs_match_the_per_row_sampler(tiny_llama_dir):
     for g, out in zip(golden, outs, strict=True):
         assert out.token_ids == g["token_ids"] and out.text == g["text"]
         assert [[*as_golden(t)[:2], as_golden(t)[2] or []] for t in out.logprobs] == g["logprobs"]
+
+
+def test_top_p_from_the_sorted_candidates_equals_top_p_over_the_whole_vocabulary():
+    """Up to float32 rounding: the candidates' probabilities are normalised by a sum taken in vocabulary
+    order, not sorted order, so a token whose cumulative probability lies within ~1e-6 of top_p may
+    fall on the other side (there is no such token in the 1000-token golden cases)."""
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(4)) * 5  # peaky: the nucleus is small
+    logits[5] /= 50  # nearly flat: 0.9 of it lies beyond the candidates, so whole rows are sorted
+    for top_p in (0.5, 0.9, 0.99):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # the reference: sort everything
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = torch.empty_like(sorted_probs).scatter(-1, order, sorted_probs.cumsum(dim=-1) - sorted_probs)
+        expected = before >= top_p
+        expected[torch.arange(6), order[:, 0]] = False
+        threshold = torch.full((6, 1), top_p)
+        for rows in (slice(0, 5), slice(0, 6)):  # the candidates suffice; one row needs whole rows sorted
+            differ = _outside_nucleus(logits[rows], threshold[rows]) != expected[rows]
+            assert ((before[rows][differ] - top_p).abs() < 1e-5).all()
+            assert differ.sum() <= 1
+        assert (~expected[:5]).sum(-1).max() < NUCLEUS_CANDIDATES < (~expected[5]).sum()

@@ -14,6 +14,7 @@ MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5  # a smaller positive temperature samples greedily (as vLLM): the same distribution
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator takes
 MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI)
+NUCLEUS_CANDIDATES = 1024  # top-p sorts this many tokens first (the whole vocabulary if they are not enough)
 
 
 @dataclass
@@ -95,19 +96,22 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingRequest],
     ``generator`` (on the logits' device). A row that cannot be sampled gets a ``SamplingError``."""
     params = [r.params for r in requests]
     processed = _apply_penalties(logits, requests)
-    finite = torch.isfinite(processed).all(dim=-1)  # [B]
-    processed = processed.where(finite[:, None], 0.0)  # a broken row must not break the others
+    lowest, highest = torch.aminmax(processed, dim=-1)  # [B] each; NaN if the row holds one
+    finite = lowest.isfinite() & highest.isfinite()  # [B]
+    finite_list = finite.tolist()
+    if not all(finite_list):
+        processed = processed.where(finite[:, None], 0.0)  # a broken row must not break the others
     tokens = processed.argmax(dim=-1)  # [B]; greedy rows keep these
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
+        every_row = len(drawn) == len(params)
         rows = torch.tensor(drawn, device=logits.device)
-        probs = _probabilities(processed[rows], [params[i] for i in drawn])  # [S, V]
+        probs = _probabilities(processed if every_row else processed[rows], [params[i] for i in drawn])  # [S, V]
         tokens[rows] = _draw(probs, [requests[i].generator for i in drawn], generator)
-    token_list, finite_list = tokens.tolist(), finite.tolist()
     out: list[SampledToken | SamplingError] = [
         SampledToken(t) if ok else SamplingError("the model produced non-finite logits (NaN or infinity) "
                                                  "for this request")
-        for t, ok in zip(token_list, finite_list, strict=True)]
+        for t, ok in zip(tokens.tolist(), finite_list, strict=True)]
     _add_logprobs(logits, tokens, params, out)
     return out
 
@@ -153,25 +157,40 @@ def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0 with a 0 on top: no overflow
     cut = torch.full((len(params), 1), float("-inf"), device=device)  # [S, 1]: logits below it are dropped
     top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+    min_p = [p.min_p for p in params]
     if any(top_k):
         kth = logits.topk(max(min(k, logits.shape[-1]) for k in top_k), dim=-1).values  # [S, K] descending
         index = torch.tensor([min(k, kth.shape[-1]) - 1 if k else -1 for k in top_k], device=device)[:, None]
         enabled = torch.tensor(top_k, device=device)[:, None] > 0
         cut = torch.where(enabled, kth.gather(-1, index.clamp_min(0)), cut)
-    if any(p.min_p > 0 for p in params):  # p >= min_p * p_max <=> logit - max_logit >= log(min_p); max is 0
-        cut = cut.maximum(torch.tensor([[math.log(p.min_p) if p.min_p > 0 else -math.inf] for p in params],
-                                       device=device))
-    logits = logits.masked_fill(logits < cut, float("-inf"))
+    if any(min_p):  # p >= min_p * p_max <=> logit - max_logit >= log(min_p), and the max is 0
+        cut = cut.maximum(torch.tensor([[math.log(m) if m > 0 else -math.inf] for m in min_p], device=device))
+    if any(top_k) or any(min_p):
+        logits = logits.masked_fill(logits < cut, float("-inf"))
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
         rows = torch.tensor(nucleus, device=device)
         top_p = torch.tensor([params[i].top_p for i in nucleus], device=device)[:, None]  # [N, 1]
-        sorted_logits, order = logits[rows].sort(dim=-1, descending=True)  # [N, V]
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # keep the smallest prefix reaching top_p
-        drop[:, 0] = False  # the top token stays, also for a top_p that is 0 in float32 (e.g. 5e-324)
-        logits[rows] = logits[rows].masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        logits[rows] = logits[rows].masked_fill(_outside_nucleus(logits[rows], top_p), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V], top_p [N, 1] -> [N, V] True for the tokens outside each row's smallest set of
+    most likely tokens whose probability reaches top_p. Sorting whole rows is slow (on a CPU, most of
+    a step), so the top NUCLEUS_CANDIDATES are sorted first; only if one row's nucleus reaches past
+    them are whole rows sorted."""
+    vocab = logits.shape[-1]
+    log_total = logits.logsumexp(dim=-1, keepdim=True)  # [N, 1]
+    for k in dict.fromkeys((min(NUCLEUS_CANDIDATES, vocab), vocab)):
+        sorted_logits, order = logits.topk(k, dim=-1)  # [N, k] descending
+        sorted_probs = (sorted_logits - log_total).exp()
+        cumulative = sorted_probs.cumsum(dim=-1)
+        if k == vocab or bool((cumulative[:, -1:] >= top_p).all()):
+            break
+    drop = cumulative - sorted_probs >= top_p  # keep the smallest prefix reaching top_p
+    drop[:, 0] = False  # the top token stays, also for a top_p that is 0 in float32 (e.g. 5e-324)
+    return torch.ones_like(logits, dtype=torch.bool).scatter(-1, order, drop)  # beyond the k: dropped
 
 
 def _draw(probs: torch.Tensor, seeded: list[torch.Generator | None], generator: torch.Generator) -> torch.Tensor:
@@ -187,11 +206,12 @@ def _draw(probs: torch.Tensor, seeded: list[torch.Generator | None], generator: 
     shared = [i for i, g in enumerate(seeded) if g is None]
     if shared:
         rows = torch.tensor(shared, device=probs.device)
-        cumulative = probs[rows].cumsum(dim=-1)  # [U, V]
+        cumulative = (probs if len(shared) == len(seeded) else probs[rows]).cumsum(dim=-1)  # [U, V]
         total = cumulative[:, -1:]  # [U, 1]
         u = torch.rand(len(shared), 1, device=probs.device, generator=generator) * total
-        last = (cumulative < total).sum(dim=-1)  # the last token with probability > 0: u * total may round up
-        tokens[rows] = torch.searchsorted(cumulative, u, right=True).squeeze(-1).minimum(last)
+        u = u.minimum(total.nextafter(torch.zeros_like(total)))  # < total, also when u * total rounds up
+        # the first token whose cumulative probability exceeds u: its own probability is > 0
+        tokens[rows] = torch.searchsorted(cumulative, u, right=True).squeeze(-1)
     return tokens
 
 
