@@ -104,9 +104,8 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingRequest],
     tokens = processed.argmax(dim=-1)  # [B]; greedy rows keep these
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
-        every_row = len(drawn) == len(params)
         rows = torch.tensor(drawn, device=logits.device)
-        probs = _probabilities(processed if every_row else processed[rows], [params[i] for i in drawn])  # [S, V]
+        probs = _probabilities(_rows(processed, drawn, rows), [params[i] for i in drawn])  # [S, V]
         tokens[rows] = _draw(probs, [requests[i].generator for i in drawn], generator)
     out: list[SampledToken | SamplingError] = [
         SampledToken(t) if ok else SamplingError("the model produced non-finite logits (NaN or infinity) "
@@ -114,6 +113,11 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingRequest],
         for t, ok in zip(tokens.tolist(), finite_list, strict=True)]
     _add_logprobs(logits, tokens, params, out)
     return out
+
+
+def _rows(x: torch.Tensor, indices: list[int], index: torch.Tensor) -> torch.Tensor:
+    """x [B, ...] -> x[index] ([len(indices), ...]), without a copy when that is every row."""
+    return x if indices == list(range(x.shape[0])) else x[index]
 
 
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
@@ -200,13 +204,15 @@ def _draw(probs: torch.Tensor, seeded: list[torch.Generator | None], generator: 
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     own = [i for i, g in enumerate(seeded) if g is not None]
     if own:
-        noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=seeded[i]) for i in own])
+        noise = torch.empty(len(own), probs.shape[-1])  # [O, V] on the CPU, where the generators are
+        for row, i in enumerate(own):
+            noise[row].exponential_(generator=seeded[i])
         rows = torch.tensor(own, device=probs.device)
-        tokens[rows] = (probs[rows] / noise.to(probs.device)).argmax(dim=-1)
+        tokens[rows] = (_rows(probs, own, rows) / noise.to(probs.device)).argmax(dim=-1)
     shared = [i for i, g in enumerate(seeded) if g is None]
     if shared:
         rows = torch.tensor(shared, device=probs.device)
-        cumulative = (probs if len(shared) == len(seeded) else probs[rows]).cumsum(dim=-1)  # [U, V]
+        cumulative = _rows(probs, shared, rows).cumsum(dim=-1)  # [U, V]
         total = cumulative[:, -1:]  # [U, 1]
         u = torch.rand(len(shared), 1, device=probs.device, generator=generator) * total
         u = u.minimum(total.nextafter(torch.zeros_like(total)))  # < total, also when u * total rounds up
