@@ -141,7 +141,8 @@ def _apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingRequest]) 
                       torch.ones(len(output_ids), device=device), accumulate=True)
     seen = counts > 0  # [P, V]
     seen_anywhere = seen.clone()
-    seen_anywhere[torch.tensor(prompt_rows, dtype=torch.long), torch.tensor(prompt_ids, dtype=torch.long)] = True
+    seen_anywhere[torch.tensor(prompt_rows, device=device, dtype=torch.long),
+                  torch.tensor(prompt_ids, device=device, dtype=torch.long)] = True
     column = [[requests[i].params.repetition_penalty, requests[i].params.frequency_penalty,
                requests[i].params.presence_penalty] for i in penalized]
     repetition, frequency, presence = torch.tensor(column, device=device).T[:, :, None]  # each [P, 1]
