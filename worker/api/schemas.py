@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flexllm.worker.engine.sampling import MAX_LOGPROBS, MAX_PENALTY
+from flexllm.worker.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
 
 INT32_MAX = 2**31 - 1
 MAX_STOP_SEQUENCES = 16
@@ -45,7 +45,8 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float | None = Field(None, allow_inf_nan=False, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, allow_inf_nan=False, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    repetition_penalty: float | None = Field(None, allow_inf_nan=False, gt=0.0)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False, ge=REPETITION_PENALTY_RANGE[0],
+                                             le=REPETITION_PENALTY_RANGE[1])
     min_p: float | None = Field(None, allow_inf_nan=False, ge=0.0, le=1.0)
     user: str | None = None
 

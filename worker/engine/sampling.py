@@ -14,6 +14,7 @@ MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5  # a smaller positive temperature samples greedily (as vLLM): the same distribution
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator takes
 MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits scaled by these stay finite
 NUCLEUS_CANDIDATES = 1024  # top-p sorts this many tokens first (the whole vocabulary if they are not enough)
 
 
@@ -52,7 +53,8 @@ class SamplingParams:
              f"presence_penalty must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
             (finite and abs(self.frequency_penalty) <= MAX_PENALTY,
              f"frequency_penalty must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
-            (finite and self.repetition_penalty > 0, "repetition_penalty must be finite and > 0"),
+            (finite and REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             f"repetition_penalty must be in [{REPETITION_PENALTY_RANGE[0]}, {REPETITION_PENALTY_RANGE[1]}]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
         ]
