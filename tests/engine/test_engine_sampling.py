@@ -3,6 +3,7 @@
 import torch
 
 from flexllm.worker.engine.sampling import SamplingParams, sample
+from flexllm.worker.engine.sequence import Sequence
 
 from .conftest import make_engine
 
@@ -11,15 +12,14 @@ def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
     for seed in range(30):
         g = torch.Generator().manual_seed(seed)
-        assert sample(logits, [SamplingParams(top_k=2)], [g])[0].token_id in (0, 1)
-        g = torch.Generator().manual_seed(seed)
+        assert sample(logits, [Sequence("a", [0], SamplingParams(top_k=2, seed=seed))], g)[0].token_id in (0, 1)
         # p(0) ~ 0.72, p(0) + p(1) ~ 0.99: top_p 0.5 keeps only token 0
-        assert sample(logits, [SamplingParams(top_p=0.5)], [g])[0].token_id == 0
+        assert sample(logits, [Sequence("b", [0], SamplingParams(top_p=0.5))], g)[0].token_id == 0
 
 
 def test_logprobs_are_log_softmax():
     logits = torch.randn(2, 50)
-    out = sample(logits, [SamplingParams(temperature=0, logprobs=3)] * 2, [None, None])
+    out = sample(logits, [Sequence("a", [0], SamplingParams(temperature=0, logprobs=3))] * 2, torch.Generator())
     expected = torch.log_softmax(logits, -1)
     for row, token in enumerate(out):
         assert token.token_id == int(logits[row].argmax())
@@ -63,9 +63,10 @@ def test_partial_multibyte_characters_are_held_back_while_streaming(tiny_llama_d
     assert "\ufffd" in engine.tokenizer.decode(emoji_ids[:1])
     engine.add_request("u", [50, 60], SamplingParams(max_tokens=len(emoji_ids), temperature=0))
     seq = engine.requests["u"]
-    seq.token_ids += emoji_ids[:1]  # as if the first piece had just been sampled
-    seq.output_text = engine.tokenizer.decode(emoji_ids[:1])
-    assert engine._output(seq).delta_text == ""
-    seq.token_ids += emoji_ids[1:]
-    seq.output_text = engine.tokenizer.decode(emoji_ids)
-    assert engine._output(seq).delta_text == "🙂🙂"
+    deltas = []
+    for token in emoji_ids:  # as if each piece had just been sampled
+        seq.token_ids.append(token)
+        engine._check_stop(seq, token)
+        deltas.append(engine._output(seq).delta_text)
+    assert deltas[0] == "" and "".join(deltas) == "🙂🙂" and "\ufffd" not in "".join(deltas)
+    assert seq.finished and seq.finish_reason == "length"

@@ -68,6 +68,17 @@ def test_stop_string_and_seeded_sampling(client):
     assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
 
 
+def test_penalties_and_min_p_reach_the_sampler(client):
+    def complete(**extra):
+        return client.completions.create(model="tiny", prompt="a b c", max_tokens=24, temperature=0,
+                                         extra_body={"ignore_eos": True, **extra}).choices[0].text
+
+    plain = complete()
+    assert complete(presence_penalty=2.0, frequency_penalty=2.0) != plain
+    assert complete(repetition_penalty=50.0) != plain
+    assert complete(min_p=0.5) == plain  # greedy: min-p keeps the most likely token
+
+
 def test_errors_have_openai_shape_and_server_keeps_serving(server, client):
     raw = httpx.post(f"{server.base_url}/v1/completions", content=b"{not json", timeout=10,
                      headers={"content-type": "application/json"})
@@ -167,6 +178,9 @@ MALFORMED_BODIES = [
     b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', b'{"model": "tiny", "prompt": "hi", "top_p": 0}',
     b'{"model": "tiny", "prompt": "hi", "seed": 100000000000000000000000000000}',
     b'{"model": "tiny", "prompt": "hi", "top_k": 100000000000000000000000000000}',
+    b'{"model": "tiny", "prompt": "hi", "presence_penalty": 2.5}', b'{"model": "tiny", "prompt": "hi", "min_p": 2}',
+    b'{"model": "tiny", "prompt": "hi", "repetition_penalty": 0}',
+    b'{"model": "tiny", "prompt": "hi", "frequency_penalty": Infinity}',
     b'{"model": "tiny", "prompt": "hi", "n": 2}', b'{"model": "tiny", "prompt": "hi", "n": 1000000}',
     b'{"model": "tiny", "prompt": "hi", "logprobs": 21}', b'{"model": "tiny", "prompt": "hi", "stop": [""]}',
     b'{"model": "tiny", "prompt": "hi", "stop": ' + json.dumps(["x"] * 100).encode() + b"}",

@@ -62,6 +62,9 @@ def sampling_params(request: GenerationRequest, max_tokens: int | None, logprobs
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=-1 if request.top_k in (None, 0) else request.top_k,
+            min_p=request.min_p or 0.0, presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             seed=request.seed, stop=stop, stop_token_ids=list(request.stop_token_ids or []),
             ignore_eos=request.ignore_eos, logprobs=logprobs)
     except ValueError as error:

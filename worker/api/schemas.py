@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flexllm.worker.engine.sampling import MAX_LOGPROBS
+from flexllm.worker.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
 
 INT32_MAX = 2**31 - 1
 MAX_STOP_SEQUENCES = 16
@@ -43,8 +43,11 @@ class GenerationRequest(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     ignore_eos: bool = False
-    presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="not supported: 0 only")
-    frequency_penalty: float | None = Field(None, ge=0.0, le=0.0, description="not supported: 0 only")
+    presence_penalty: float | None = Field(None, allow_inf_nan=False, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False, ge=REPETITION_PENALTY_RANGE[0],
+                                             le=REPETITION_PENALTY_RANGE[1])
+    min_p: float | None = Field(None, allow_inf_nan=False, ge=0.0, le=1.0)
     user: str | None = None
 
     @model_validator(mode="before")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from flexllm.worker.coserve.policy import InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.detokenizer import IncrementalDetokenizer, find_stop
 from flexllm.worker.engine.fused import Rider, run_rider
 from flexllm.worker.engine.loader import load_checkpoint, resolve_model, resolve_source
 from flexllm.worker.engine.lora import LoRAManager
@@ -67,6 +68,8 @@ class LLMEngine:
                                    self.config.max_tokens_per_batch, self.config.max_num_seqs)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)
         self.requests: dict[str, Sequence] = {}
+        self.sampling_generator = torch.Generator(device)  # the draws of requests without a seed
+        self.sampling_generator.seed()
 
     @property
     def vocab_size(self) -> int:
@@ -106,7 +109,8 @@ class LLMEngine:
             raise ValueError(f"request needs {total} tokens of KV cache but the pool holds {capacity}")
         if lora is not None:
             self.lora_manager.check(lora)
-        seq = Sequence(request_id, token_ids, params, lora_name=lora)
+        seq = Sequence(request_id, token_ids, params, lora_name=lora,
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, len(token_ids)))
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         self.requests[request_id] = seq
@@ -160,7 +164,7 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens == seq.num_tokens:
                 due.append(seq)
-        sampled = sample(logits, [s.params for s in due], [s.generator for s in due])
+        sampled = sample(logits, due, self.sampling_generator)
         now = time.monotonic()
         outputs = []
         for seq, token in zip(due, sampled, strict=True):
@@ -198,37 +202,28 @@ class LLMEngine:
             self._fail(seq, error)
 
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        """Decode the new token; finish ``seq`` on a stop token id, a stop string or its length limit."""
         p = seq.params
-        reason = None
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-        if token_id in stop_ids:
-            reason = "stop"
-            seq.output_text = self._decode(seq.output_token_ids[:-1])
-        else:
-            seq.output_text = self._decode(seq.output_token_ids)
-            hits = [i for i in (seq.output_text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                reason = "stop"
-                seq.output_text = seq.output_text[: min(hits)]
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-                reason = "length"
+        detokenizer = seq.detokenizer
+        stop_token = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)
+        at_limit = seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        checked = len(detokenizer.text)
+        # a stop token's own text is left out; a finishing request's last partial character is kept
+        detokenizer.update(seq.token_ids, seq.num_tokens - stop_token, flush=stop_token or at_limit)
+        hit = find_stop(detokenizer.text, checked, p.stop)
+        if hit is not None:
+            detokenizer.text = detokenizer.text[:hit]
+        reason = "stop" if hit is not None or stop_token else "length" if at_limit else None
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # Hold back text that may still grow into a stop string.
         text = seq.output_text
         hold = 0 if seq.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
-        visible = len(text) - hold
-        if not seq.finished:  # and a multi-byte character whose remaining bytes are still to come
-            while visible > seq.sent_text_len and text[visible - 1] == "\ufffd":
-                visible -= 1
-        visible = max(seq.sent_text_len, visible)
-        delta_text = seq.output_text[seq.sent_text_len:visible]
+        visible = max(seq.sent_text_len, len(text) - hold)
+        delta_text = text[seq.sent_text_len:visible]
         seq.sent_text_len = visible
         ids = seq.output_token_ids
         delta_ids = ids[seq.sent_token_len:]

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from flexllm.worker.engine.detokenizer import IncrementalDetokenizer
 from flexllm.worker.engine.sampling import SampledToken, SamplingParams
 
 
@@ -31,7 +32,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     lora_slot: int = -1
     finish_reason: str | None = None
-    output_text: str = ""
+    detokenizer: IncrementalDetokenizer | None = None  # its output text (set by the engine, which has the tokenizer)
     sent_text_len: int = 0
     sent_token_len: int = 0
     logprobs: list[SampledToken] = field(default_factory=list)
@@ -51,6 +52,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def output_text(self) -> str:
+        return self.detokenizer.text if self.detokenizer else ""
 
     @property
     def num_output_tokens(self) -> int:
