@@ -8,7 +8,11 @@ CPU are derived from the measured single-request latency and written into the ou
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--min-requests 20] [--traces azure,poisson,bursty]
+    python benchmarks/coserve.py [--rates 1,2] [--duration 30] [--traces azure,poisson,bursty]
+
+The defaults fit about 10 minutes on a quiet 2-core machine (so the benchmark can be run twice): the
+Azure trace's first 30 s of arrivals at each rate (30 and 60 requests at 1 and 2 req/s, rescaled
+from the trace's first requests), 30 s per system, temporal sharing at 3 frequencies.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see worker/__init__.py
+import torch  # noqa: E402
 from common import RESULTS, print_table, write_json
-from replay import WallClock, replay
+from replay import ITERATION_COLUMNS, WallClock, replay
 from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import FEATURES, LatencyModel
+from flexllm.worker.coserve.latency import LatencyModel
 from flexllm.worker.coserve.policy import SLO, measure_speed
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.runner import FinetuneRunner
@@ -136,7 +142,7 @@ def summarize(rows: list[dict], ft_only: float, idle: float) -> dict:
     }
 
 
-def plot(rows: list[dict], timeline_row: dict | None) -> None:
+def plot(rows: list[dict], timeline_row: dict | None, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +167,7 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
                    title=f"SLO attainment, TTFT and TPOT ({trace})", ylim=(0, 1.05))
     axes[0][1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(RESULTS / "coserve_rates.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}_rates.png", dpi=110)
     if timeline_row:
         t = timeline_row["timeline"]
         fig, ax = plt.subplots(figsize=(11, 3.5))
@@ -170,22 +176,23 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
                title=f"Token budget split, co-serving at {timeline_row['rate']} req/s ({timeline_row['trace']})")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        fig.savefig(RESULTS / "coserve_timeline.png", dpi=110)
+        fig.savefig(RESULTS / f"{name}_timeline.png", dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
-    parser.add_argument("--rates", default="0.5,1,2,4")
+    parser.add_argument("--rates", default="1,2")
     parser.add_argument("--traces", default="azure", help=f"comma-separated, of {', '.join(TRACES)}")
     parser.add_argument("--length-scale", type=float, default=CPU_LENGTH_SCALE,
                         help="Azure prompt and output lengths are multiplied by this (one factor)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (at least)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per run (at least)")
     parser.add_argument("--min-requests", type=float, default=20.0,
                         help="low rates run longer: duration >= min_requests / rate")
-    parser.add_argument("--temporal-periods", default="2,4,8,16")
+    parser.add_argument("--temporal-periods", default="4,8,16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="coserve", help="results/NAME.json, NAME_iterations.json, NAME_*.png")
     parser.add_argument("--child", choices=["inference", "finetune"])
     parser.add_argument("--threads", type=int)
     parser.add_argument("--slo")
@@ -231,11 +238,11 @@ def main() -> None:
                        "inference_tokens_per_s"])
     print(json.dumps(summary, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, timeline_row)
+    plot(rows, timeline_row, args.name)
     measured = [ft_only_row, idle_row, *(r for r in rows if "iterations" in r)]
-    write_json("coserve_iterations", {"features": list(FEATURES), "runs": [
+    write_json(f"{args.name}_iterations", {"columns": list(ITERATION_COLUMNS), "runs": [
         {k: r[k] for k in ("trace", "rate", "policy", "temporal_period", "iterations")} for r in measured]})
-    path = write_json("coserve", {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+    path = write_json(args.name, {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
                                   "setup": {"seed": args.seed, "length_scale": args.length_scale,

@@ -23,12 +23,12 @@ import math
 from dataclasses import dataclass
 
 from common import RESULTS, print_table, write_json
-from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work, fit_measured
+from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work
 from replay import replay
 from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
+from flexllm.worker.coserve.latency import LatencyModel
 from flexllm.worker.coserve.policy import SLO
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.outputs import RequestOutput
@@ -38,6 +38,7 @@ from flexllm.worker.engine.sequence import Sequence
 from flexllm.worker.finetune.runner import WorkDone
 
 MIN_ITERATION_S = 1e-5  # an iteration that schedules nothing still moves time on
+MAX_FT_ERROR, MAX_SLO_ERROR = 0.15, 0.05  # a projection counts only while validation stays within these
 
 
 class SimClock:
@@ -106,9 +107,10 @@ class SimEngine:
         return self._advance(batch)
 
     def run_alone(self, unit: SimUnit) -> None:
+        """One more unit on its own within the iteration (``CoServingEngine``'s spending with no inference)."""
         forward = unit.kind == "forward"
         self.clock.advance(self.cost.seconds(Work((), unit.cost if forward else 0, 0 if forward else unit.cost,
-                                                  1, 0 if forward else 1)))
+                                                  1, 0 if forward else 1), iteration=False))
 
     def _advance(self, batch: ScheduledBatch) -> list[RequestOutput]:
         now, outputs = self.clock.now(), []
@@ -187,36 +189,46 @@ def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: floa
 
 
 # -- validation against real runs on this machine ------------------------------------------------------
-def validate() -> dict:
-    """Fit the measured cost model on every iteration of the last ``coserve.py`` run, re-run each of its
-    systems, traces and rates in simulation, and compare (fine-tuning tokens/s relative error, SLO
-    attainment absolute error)."""
-    real = json.loads((RESULTS / "coserve.json").read_text())
-    measured = json.loads((RESULTS / "coserve_iterations.json").read_text())["runs"]
-    samples = [(IterationShape(*map(int, it[:-1])), it[-1]) for run in measured for it in run["iterations"]]
-    cost = MeasuredCost(fit_measured(samples))
-    setup, slo = real["setup"], SLO(**real["slo"])
-    config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
-                       setup["block_size"])
-    checks = [{"trace": "none", "rate": 0.0, "policy": "finetune-only", "temporal_period": None,
-               "duration_s": real["duration_s"], "slo_attainment": 1.0,
-               "finetune_tokens_per_s": real["finetune_only_tokens_per_s"]}]
-    checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
+def load_run(name: str) -> tuple[dict, list[dict[str, float]]]:
+    """A ``coserve.py --name NAME`` run: its results and its measured iterations (``replay``'s records)."""
+    real = json.loads((RESULTS / f"{name}.json").read_text())
+    measured = json.loads((RESULTS / f"{name}_iterations.json").read_text())
+    columns = measured["columns"]
+    return real, [dict(zip(columns, it, strict=True)) for run in measured["runs"] for it in run["iterations"]]
+
+
+def validate(fit_on: str, check: list[str]) -> dict:
+    """Fit the measured cost model on every iteration of the real run ``fit_on``, re-run each system,
+    trace and rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency
+    model), and compare: fine-tuning tokens/s (relative error) and SLO attainment (absolute error)."""
+    cost = MeasuredCost.fit(load_run(fit_on)[1])
     rows = []
-    for row in checks:
-        trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
-                                                             setup["seed"], setup["length_scale"])
-        sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
-                       row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"])
-        ft_error = (abs(sim["finetune_tokens_per_s"] - row["finetune_tokens_per_s"]) / row["finetune_tokens_per_s"]
-                    if row["finetune_tokens_per_s"] else None)
-        rows.append({"trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
-                     "temporal_period": row["temporal_period"],
-                     "real_ft": row["finetune_tokens_per_s"], "sim_ft": sim["finetune_tokens_per_s"],
-                     "ft_error": ft_error, "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
-                     "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
-    ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None and r["real_ft"] >= 1.0]
-    return {"cost_model": dict(zip(("intercept", *FEATURES), cost.model.coef, strict=True)),
+    for name in check:
+        real = load_run(name)[0]
+        setup, slo = real["setup"], SLO(**real["slo"])
+        config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
+                           setup["block_size"])
+        idle = {"trace": "none", "rate": 0.0, "temporal_period": None, "duration_s": real["duration_s"],
+                "slo_attainment": 1.0}
+        checks = [{**idle, "policy": "finetune-only", "finetune_tokens_per_s": real["finetune_only_tokens_per_s"]},
+                  {**idle, "policy": "coserve", "finetune_tokens_per_s": real["coserve_idle_tokens_per_s"]}]
+        checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
+        for row in checks:
+            trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
+                                                                 setup["seed"], setup["length_scale"])
+            latency = LatencyModel()
+            latency.coef = list(real["latency_model"])  # the run's start-up profile
+            sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
+                           row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"], latency=latency)
+            real_ft = row["finetune_tokens_per_s"]
+            rows.append({"run": name, "trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
+                         "temporal_period": row["temporal_period"], "real_ft": real_ft,
+                         "sim_ft": sim["finetune_tokens_per_s"],
+                         "ft_error": abs(sim["finetune_tokens_per_s"] - real_ft) / real_ft if real_ft else None,
+                         "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
+                         "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
+    ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None]
+    return {"fitted_on": fit_on, "checked": check, "cost_model": cost.coef,
             "validation_max_ft_error": max(ft_errors, default=None),
             "validation_max_slo_error": max((r["slo_error"] for r in rows), default=None), "rows": rows}
 
@@ -428,6 +440,9 @@ def geomean(values: list[float]) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "project", "fleet", "all"])
+    parser.add_argument("--fit", default="coserve", help="the coserve.py run (--name) the cost model is fitted on")
+    parser.add_argument("--check", default="coserve,coserve_run2",
+                        help="coserve.py runs (--name) to predict; those present are checked")
     parser.add_argument("--rates", default="1,2,4,8,12,16,20", help="Azure trace rescaled to these req/s")
     parser.add_argument("--duration", type=float, default=30.0, help="simulated seconds per run")
     parser.add_argument("--temporal-periods", default="4,16")
@@ -438,11 +453,15 @@ def main() -> None:
     out.pop("machine", None)
     out["label"] = "SIMULATION: the real scheduler in simulated time; see benchmarks/simulate.py"
     if args.command in ("validate", "all"):
-        out["validation"] = validate()
+        checked = [name for name in args.check.split(",") if (RESULTS / f"{name}.json").exists()]
+        out["validation"] = validate(args.fit, checked)
         for key in ("validation_max_ft_error", "validation_max_slo_error"):
             out[key] = out["validation"][key]
-        print_table(out["validation"]["rows"], ["trace", "rate", "policy", "temporal_period", "real_ft", "sim_ft",
-                                                 "ft_error", "real_slo", "sim_slo", "slo_error"])
+        print_table(out["validation"]["rows"], ["run", "trace", "rate", "policy", "temporal_period", "real_ft",
+                                                 "sim_ft", "ft_error", "real_slo", "sim_slo", "slo_error"])
+    ft_error, slo_error = out.get("validation_max_ft_error"), out.get("validation_max_slo_error")
+    out["projections_valid"] = (ft_error is not None and slo_error is not None and len(
+        out["validation"]["checked"]) >= 2 and ft_error <= MAX_FT_ERROR and slo_error <= MAX_SLO_ERROR)
     if args.command in ("project", "all"):
         rates = [float(r) for r in args.rates.split(",")]
         periods = [int(p) for p in args.temporal_periods.split(",")]

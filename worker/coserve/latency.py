@@ -58,24 +58,12 @@ class LatencyModel:
             self.fit()
 
     def fit(self) -> None:
-        """Non-negative least squares by clamping and refitting the remaining features."""
+        """Non-negative least squares over the window; features never seen keep their estimate."""
         self._since_fit = 0
         if len(self.samples) < 4:
             return
-        x = torch.tensor([s[0] for s in self.samples], dtype=torch.float64)  # [N, 5]
-        y = torch.tensor([s[1] for s in self.samples], dtype=torch.float64)  # [N]
-        active = [i for i in range(x.shape[1]) if x[:, i].abs().sum() > 0]
-        while active:
-            sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0]
-            negative = [a for a, c in zip(active, sol.tolist()) if c < 0]
-            if not negative:
-                coef = [0.0] * x.shape[1]
-                for a, c in zip(active, sol.tolist()):
-                    coef[a] = c
-                # features never seen keep their previous estimate
-                self.coef = [c if i in active else self.coef[i] for i, c in enumerate(coef)]
-                return
-            active = [a for a in active if a not in negative]
+        coef = nonnegative_lstsq([s[0] for s in self.samples], [s[1] for s in self.samples])
+        self.coef = [self.coef[i] if c is None else c for i, c in enumerate(coef)]
 
     def error_margin(self, kind: str = "inference_tokens") -> float:
         """How much the model recently under-predicted iterations that add tokens of ``kind`` (90th
@@ -98,6 +86,23 @@ class LatencyModel:
         if per_token <= 0:
             return cap
         return max(0, min(cap, int(room / per_token)))
+
+
+def nonnegative_lstsq(rows: list[list[float]], seconds: list[float]) -> list[float | None]:
+    """Least squares with coefficients >= 0 (clamping the negative ones to 0 and refitting the rest);
+    None for a column that is all zeros (nothing to learn it from), or for all when every one clamps."""
+    x = torch.tensor(rows, dtype=torch.float64)  # [N, F]
+    y = torch.tensor(seconds, dtype=torch.float64)  # [N]
+    seen = [i for i in range(x.shape[1]) if x[:, i].abs().sum() > 0]
+    active = list(seen)
+    while active:
+        sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0].tolist()
+        negative = [a for a, c in zip(active, sol) if c < 0]
+        if not negative:
+            fitted = dict(zip(active, sol))
+            return [fitted.get(i, 0.0) if i in seen else None for i in range(x.shape[1])]
+        active = [a for a in active if a not in negative]
+    return [None] * x.shape[1]
 
 
 def _error_kind(shape: IterationShape) -> str:
