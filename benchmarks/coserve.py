@@ -8,11 +8,15 @@ CPU are derived from the measured single-request latency and written into the ou
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 1,2] [--duration 30] [--traces azure,poisson,bursty]
+    python benchmarks/coserve.py [--rates 0.5,1] [--rate-unit serial] [--duration 30] [--traces azure,bursty]
 
-The defaults fit about 10 minutes on a quiet 2-core machine (so the benchmark can be run twice): the
-Azure trace's first 30 s of arrivals at each rate (30 and 60 requests at 1 and 2 req/s, rescaled
-from the trace's first requests), 30 s per system, temporal sharing at 3 frequencies.
+Rates are multiples of what the machine serves one request at a time (``--rate-unit serial``: a
+lone 128-token prefill plus the trace's mean output in lone decode steps, measured at start like the
+SLOs), so a slower or busier machine sees the same relative load; ``--rate-unit req/s`` takes them
+as they are. The defaults, 0.5 and 1 (about 0.85 and 1.7 req/s on a quiet machine of this class),
+30 s of arrivals per system (longer where that would be under 10 requests) from a window of the
+Azure trace arriving at its mean rate, temporal sharing at 3 frequencies, fit about 10 minutes on a
+quiet 2-core machine, so the benchmark can be run twice.
 """
 
 from __future__ import annotations
@@ -99,6 +103,12 @@ def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) 
             "inference_tokens_per_s": inf["inference_tokens_per_s"]}
 
 
+def mean_output_tokens(kind: str, seed: int, length_scale: float) -> float:
+    """A request's mean output length in ``kind``'s traces (over 1000 requests)."""
+    trace = make_trace(kind, 1.0, 1000.0, seed, length_scale)
+    return sum(a.output_tokens for a in trace) / len(trace)
+
+
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -183,12 +193,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
-    parser.add_argument("--rates", default="1,2")
+    parser.add_argument("--rates", default="0.5,1", help="request rates, in --rate-unit")
+    parser.add_argument("--rate-unit", choices=["serial", "req/s"], default="serial",
+                        help="serial: multiples of what this machine serves one request at a time (measured at "
+                             "start, like the SLOs, so a slower or busier machine gets the same relative load)")
     parser.add_argument("--traces", default="azure", help=f"comma-separated, of {', '.join(TRACES)}")
     parser.add_argument("--length-scale", type=float, default=CPU_LENGTH_SCALE,
                         help="Azure prompt and output lengths are multiplied by this (one factor)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run (at least)")
-    parser.add_argument("--min-requests", type=float, default=20.0,
+    parser.add_argument("--min-requests", type=float, default=10.0,
                         help="low rates run longer: duration >= min_requests / rate")
     parser.add_argument("--temporal-periods", default="4,8,16")
     parser.add_argument("--seed", type=int, default=0)
@@ -202,7 +215,8 @@ def main() -> None:
     if args.child:
         return separate_child(args)
     engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
-    slo = measure_speed(engine).slo()
+    speed = measure_speed(engine)
+    slo = speed.slo()
     print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
     profiler = CoServingEngine(engine, slo)
     profiler.profile()
@@ -216,18 +230,22 @@ def main() -> None:
     idle_row.update(trace="none", rate=0.0, duration_s=args.duration)
     systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
     for trace_kind in args.traces.split(","):
-        for rate in map(float, args.rates.split(",")):
+        serial = 1.0 / speed.request_s(mean_output_tokens(trace_kind, args.seed, args.length_scale))
+        unit = serial if args.rate_unit == "serial" else 1.0
+        print(f"{trace_kind}: one request at a time, this machine serves {serial:.2f} req/s", flush=True)
+        for load in map(float, args.rates.split(",")):
+            rate = load * unit
             duration = max(args.duration, args.min_requests / rate)  # enough requests for an attainment
             trace = make_trace(trace_kind, rate, duration, args.seed, args.length_scale)
             for policy, period in systems:
                 row = run_system(engine, latency, slo, policy, trace, duration, period,
                                  with_finetune=policy != "inference-only")
-                row.update(trace=trace_kind, rate=rate, duration_s=duration)
+                row.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
                 rows.append(row)
                 print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "
                       f"ft {row['finetune_tokens_per_s']:.1f} tok/s", flush=True)
             sep = run_separate(args, slo, trace_kind, rate, duration)
-            sep.update(trace=trace_kind, rate=rate, duration_s=duration)
+            sep.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
             rows.append(sep)
             print(f"{trace_kind} {rate} separate: attainment {sep['slo_attainment']:.2f}, "
                   f"ft {sep['finetune_tokens_per_s']:.1f} tok/s", flush=True)
@@ -246,6 +264,7 @@ def main() -> None:
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
                                   "setup": {"seed": args.seed, "length_scale": args.length_scale,
+                                            "rate_unit": args.rate_unit,
                                             "max_finetune_tokens": MAX_FINETUNE_TOKENS,
                                             "max_tokens_per_batch": engine.config.max_tokens_per_batch,
                                             "max_num_seqs": engine.config.max_num_seqs,

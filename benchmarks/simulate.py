@@ -137,13 +137,31 @@ class SimEngine:
         return done
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """How a FinetuneJob's work comes in units: at most ``unit_tokens`` tokens of cost per unit (None: as
+    many as the budget), and the training progress a token of cost buys (``Unit.trained`` per ``Unit.cost``;
+    0.5 when a token's forward and backward cost the same, less where the loss's LM head adds cost)."""
+
+    unit_tokens: int | None = None
+    trained_per_token: float = 0.5
+
+    @classmethod
+    def measured(cls, records: list[dict[str, float]]) -> JobShape:
+        """From iterations of a real job (``replay``'s records, e.g. a fine-tune-only run)."""
+        tokens = sum(r["finetune_forward_tokens"] + r["finetune_backward_tokens"] for r in records)
+        units = sum(r["finetune_units"] for r in records)
+        return cls(round(tokens / units) if units else None,
+                   sum(r["trained_tokens"] for r in records) / tokens if tokens else 0.5)
+
+
 class SimJob:
     """A FinetuneJob's work units by token cost: each micro-batch of ``batch_tokens`` tokens goes
-    forward in units of at most the budget, then backward; a token counts as trained once its
-    backward is done (as ``FinetuneRunner`` counts ``Unit.trained``)."""
+    forward in units of at most the budget (and ``shape.unit_tokens``), then backward; each unit
+    counts ``shape.trained_per_token`` of its cost as trained (as ``FinetuneRunner`` counts ``Unit.trained``)."""
 
-    def __init__(self, engine: SimEngine, batch_tokens: int = 256):
-        self.engine, self.batch_tokens = engine, batch_tokens
+    def __init__(self, engine: SimEngine, batch_tokens: int = 256, shape: JobShape = JobShape()):
+        self.engine, self.batch_tokens, self.shape = engine, batch_tokens, shape
         self.forward_left, self.backward_left = batch_tokens, batch_tokens
         self.done = False
 
@@ -152,10 +170,10 @@ class SimJob:
         return self.forward_left == 0
 
     def plan_work(self, token_budget: int) -> SimUnit:
-        if self.forward_left:
-            return SimUnit("forward", min(token_budget, self.forward_left), 0.0)
-        cost = min(token_budget, self.backward_left)
-        return SimUnit("backward", cost, float(cost))
+        largest = min(token_budget, self.shape.unit_tokens or token_budget)
+        kind, left = ("forward", self.forward_left) if self.forward_left else ("backward", self.backward_left)
+        cost = min(largest, left)
+        return SimUnit(kind, cost, cost * self.shape.trained_per_token)
 
     def finish_work(self, unit: SimUnit) -> WorkDone:
         if unit.kind == "forward":
@@ -175,7 +193,7 @@ class SimJob:
 
 def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: float, config: SimConfig,
              max_finetune_tokens: int, temporal_period: int = 4, jobs: int = 1, batch_tokens: int = 256,
-             latency: LatencyModel | None = None) -> dict:
+             latency: LatencyModel | None = None, job_shape: JobShape = JobShape()) -> dict:
     """One system on one trace in simulated time (the real ``replay`` loop); SIMULATION."""
     clock = SimClock()
     engine = SimEngine(cost, clock, config)
@@ -183,7 +201,7 @@ def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: floa
     if latency is None:
         co.profile()
     for j in range(jobs if policy != "inference-only" else 0):
-        co.add_job(f"job{j}", SimJob(engine, batch_tokens))
+        co.add_job(f"job{j}", SimJob(engine, batch_tokens, job_shape))
     return {**replay(co, trace, duration_s, lambda i, a: [0] * a.prompt_tokens, clock.idle_until),
             "simulated": True}
 
@@ -194,14 +212,17 @@ def load_run(name: str) -> tuple[dict, list[dict[str, float]]]:
     real = json.loads((RESULTS / f"{name}.json").read_text())
     measured = json.loads((RESULTS / f"{name}_iterations.json").read_text())
     columns = measured["columns"]
-    return real, [dict(zip(columns, it, strict=True)) for run in measured["runs"] for it in run["iterations"]]
+    return real, [{**dict(zip(columns, it, strict=True)), "policy": run["policy"]}
+                  for run in measured["runs"] for it in run["iterations"]]
 
 
 def validate(fit_on: str, check: list[str]) -> dict:
     """Fit the measured cost model on every iteration of the real run ``fit_on``, re-run each system,
     trace and rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency
     model), and compare: fine-tuning tokens/s (relative error) and SLO attainment (absolute error)."""
-    cost = MeasuredCost.fit(load_run(fit_on)[1])
+    records = load_run(fit_on)[1]
+    cost = MeasuredCost.fit(records)
+    job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
     rows = []
     for name in check:
         real = load_run(name)[0]
@@ -219,7 +240,8 @@ def validate(fit_on: str, check: list[str]) -> dict:
             latency = LatencyModel()
             latency.coef = list(real["latency_model"])  # the run's start-up profile
             sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
-                           row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"], latency=latency)
+                           row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"], latency=latency,
+                           job_shape=job)
             real_ft = row["finetune_tokens_per_s"]
             rows.append({"run": name, "trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
                          "temporal_period": row["temporal_period"], "real_ft": real_ft,
@@ -228,7 +250,7 @@ def validate(fit_on: str, check: list[str]) -> dict:
                          "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
                          "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
     ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None]
-    return {"fitted_on": fit_on, "checked": check, "cost_model": cost.coef,
+    return {"fitted_on": fit_on, "checked": check, "cost_model": cost.coef, "job_shape": job.__dict__,
             "validation_max_ft_error": max(ft_errors, default=None),
             "validation_max_slo_error": max((r["slo_error"] for r in rows), default=None), "rows": rows}
 

@@ -55,8 +55,9 @@ def test_measured_cost_fit_recovers_known_per_term_costs(bench):
         units = 0 if inference and forward else rng.randint(0, 2)
         if units and rng.random() < 0.5:
             forward, backward = 0, rng.randint(1, 128)
-        record = {"inference_tokens": inference, "decode_rows": decodes, "decode_context_tokens": decodes * rng.randint(20, 300),
-                  "finetune_forward_tokens": forward, "finetune_backward_tokens": backward, "finetune_units": units}
+        record = {"inference_tokens": inference, "decode_rows": decodes,
+                  "decode_context_tokens": decodes * rng.randint(20, 300), "finetune_forward_tokens": forward,
+                  "finetune_backward_tokens": backward, "finetune_units": units}
         terms = costmodel.record_terms(record)
         record["seconds"] = sum(c * x for c, x in zip(true.values(), terms)) * (1 + rng.uniform(-0.01, 0.01))
         records.append(record)

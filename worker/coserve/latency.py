@@ -2,8 +2,11 @@
 
     t = c0 + c_infer * inference_tokens + c_ctx * decode_context_tokens
            + c_fwd * finetune_forward_tokens + c_bwd * finetune_backward_tokens + c_unit * finetune_units
+           + c_rider * finetune_riders
 
-(a fine-tuning work unit is its own pass over the layers, so each one carries a fixed cost)
+(a fine-tuning work unit of its own pass over the layers carries a fixed cost; so does a forward
+chunk riding the inference forward: its own attention, LoRA and bookkeeping per layer, measured on
+a busy 2-core machine at about one decode step's worth)
 
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
 model stays monotone and can be inverted into a token budget. Budgets also leave room for the
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 FEATURES = ("inference_tokens", "decode_context_tokens", "finetune_forward_tokens", "finetune_backward_tokens",
-            "finetune_units")
+            "finetune_units", "finetune_riders")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class IterationShape:
     finetune_backward_tokens: int = 0
     finetune_units: int = 0
 
+    @property
+    def finetune_riders(self) -> int:
+        """Forward chunks that rode the inference forward: one when fine-tuning forward tokens went along
+        with inference and no unit needed a pass of its own (one job's unit per iteration)."""
+        return int(self.inference_tokens > 0 and self.finetune_forward_tokens > 0 and self.finetune_units == 0)
+
     def vector(self) -> list[float]:
         return [1.0, *(float(getattr(self, f)) for f in FEATURES)]
 
@@ -44,7 +53,7 @@ class LatencyModel:
         self.errors = {kind: deque(maxlen=error_window)
                        for kind in ("inference_tokens", "finetune_forward_tokens", "finetune_backward_tokens")}
         self.refit_every = refit_every
-        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
+        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
 
     def predict(self, shape: IterationShape) -> float:
