@@ -465,7 +465,9 @@ def main() -> None:
     parser.add_argument("--fit", default="coserve", help="the coserve.py run (--name) the cost model is fitted on")
     parser.add_argument("--check", default="coserve,coserve_run2",
                         help="coserve.py runs (--name) to predict; those present are checked")
-    parser.add_argument("--rates", default="1,2,4,8,12,16,20", help="Azure trace rescaled to these req/s")
+    parser.add_argument("--rates", default="2,5,10,20,30,40,60",
+                        help="Azure trace rescaled to these req/s per GPU (a 4-GPU deployment gets 4x), light to "
+                             "past saturation")
     parser.add_argument("--duration", type=float, default=30.0, help="simulated seconds per run")
     parser.add_argument("--temporal-periods", default="4,16")
     parser.add_argument("--fleet-rate", type=float, default=8.0, help="req/s per replica in the fleet")
@@ -487,7 +489,7 @@ def main() -> None:
     if args.command in ("project", "all"):
         rates = [float(r) for r in args.rates.split(",")]
         periods = [int(p) for p in args.temporal_periods.split(",")]
-        out["projections"] = [project(d, rates, args.duration, periods) for d in DEPLOYMENTS]
+        out["projections"] = [project(d, [r * d.gpus for r in rates], args.duration, periods) for d in DEPLOYMENTS]
         headline = out["projections"][0]
         out.update({k: headline[k] for k in ("sim_ft_ratio_vs_separate", "sim_ft_ratio_vs_best_temporal",
                                               "sim_ft_peak_ratio", "sim_min_slo_attainment")})
