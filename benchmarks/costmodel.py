@@ -18,6 +18,7 @@ forward to ride). Two models price it:
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +65,15 @@ def record_terms(record: dict[str, float]) -> list[float]:
 
 
 class MeasuredCost:
-    """Seconds of an iteration from coefficients fitted on this machine's measured iterations."""
+    """Seconds of an iteration from coefficients fitted on this machine's measured iterations, times a
+    noise factor drawn (seeded) from the measured iterations' own ``noise``: measured / fitted seconds.
+    On a machine shared with other processes an iteration's time varies well beyond its shape, and the
+    scheduler reacts to that (its latency model's error margins), so the simulator replays the same spread."""
 
-    def __init__(self, coef: dict[str, float]):
+    def __init__(self, coef: dict[str, float], noise: list[float] = (), seed: int = 0):
         self.coef = coef  # "intercept" and MEASURED_TERMS -> seconds per unit of each
+        self.noise = list(noise)
+        self.rng = random.Random(seed)
 
     def seconds(self, work: Work, iteration: bool = True) -> float:
         """``iteration``: the work is a whole iteration (False: more units within one, no overhead of its own)."""
@@ -78,13 +84,18 @@ class MeasuredCost:
         terms = measured_terms(shape.inference_tokens, decode_rows, shape.decode_context_tokens,
                                shape.finetune_forward_tokens, shape.finetune_backward_tokens, shape.finetune_units)
         terms[0] = float(iteration)
-        return sum(c * x for c, x in zip(self.coef.values(), terms, strict=True))
+        seconds = sum(c * x for c, x in zip(self.coef.values(), terms, strict=True))
+        return seconds * self.rng.choice(self.noise) if self.noise else seconds
 
     @classmethod
-    def fit(cls, records: list[dict[str, float]]) -> MeasuredCost:
-        """Non-negative least squares over measured iterations (``replay``'s records)."""
-        coef = nonnegative_lstsq([record_terms(r) for r in records], [r["seconds"] for r in records])
-        return cls(dict(zip(("intercept", *MEASURED_TERMS), (c or 0.0 for c in coef), strict=True)))
+    def fit(cls, records: list[dict[str, float]], seed: int = 0) -> MeasuredCost:
+        """Non-negative least squares over measured iterations (``replay``'s records), and their noise."""
+        terms = [record_terms(r) for r in records]
+        coef = nonnegative_lstsq(terms, [r["seconds"] for r in records])
+        fitted = cls(dict(zip(("intercept", *MEASURED_TERMS), (c or 0.0 for c in coef), strict=True)))
+        predicted = [sum(c * x for c, x in zip(fitted.coef.values(), t, strict=True)) for t in terms]
+        noise = [r["seconds"] / p for r, p in zip(records, predicted, strict=True) if p > 0]
+        return cls(fitted.coef, noise, seed)
 
 
 @dataclass(frozen=True)

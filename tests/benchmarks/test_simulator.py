@@ -64,10 +64,13 @@ def test_measured_cost_fit_recovers_known_per_term_costs(bench):
     fitted = costmodel.MeasuredCost.fit(records)
     for term, value in true.items():
         assert fitted.coef[term] == pytest.approx(value, rel=0.1, abs=2e-7), term
+    # the measured spread around the fit is replayed: here the generator's +-1 %
+    assert len(fitted.noise) == len(records) and all(0.98 < x < 1.02 for x in fitted.noise)
     # a unit spent within an iteration pays no iteration overhead of its own
+    exact = costmodel.MeasuredCost(fitted.coef)
     unit = costmodel.Work((), 0, 64, 1, 1)
-    assert fitted.seconds(unit) - fitted.seconds(unit, iteration=False) == pytest.approx(fitted.coef["intercept"])
-    assert fitted.seconds(costmodel.Work()) == 0.0
+    assert exact.seconds(unit) - exact.seconds(unit, iteration=False) == pytest.approx(fitted.coef["intercept"])
+    assert exact.seconds(costmodel.Work()) == 0.0
 
 
 def test_nonnegative_least_squares_clamps_and_refits(bench):
