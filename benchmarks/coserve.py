@@ -8,7 +8,15 @@ CPU are derived from the measured single-request latency and written into the ou
 meets its SLO only if both its TTFT and its TPOT hold. Writes benchmarks/results/coserve.json and
 coserve_*.png.
 
-    python benchmarks/coserve.py [--rates 0.5,1,2,4] [--duration 20] [--min-requests 20] [--traces azure,poisson,bursty]
+    python benchmarks/coserve.py [--rates 0.5,1] [--rate-unit serial] [--duration 30] [--traces azure,bursty]
+
+Rates are multiples of what the machine serves one request at a time (``--rate-unit serial``: a
+lone 128-token prefill plus the trace's mean output in lone decode steps, measured at start like the
+SLOs), so a slower or busier machine sees the same relative load; ``--rate-unit req/s`` takes them
+as they are. The defaults, 0.5 and 1 (about 0.85 and 1.7 req/s on a quiet machine of this class),
+30 s of arrivals per system (longer where that would be under 10 requests) from a window of the
+Azure trace arriving at its mean rate, temporal sharing at 3 frequencies, fit about 10 minutes on a
+quiet 2-core machine, so the benchmark can be run twice.
 """
 
 from __future__ import annotations
@@ -17,19 +25,21 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see worker/__init__.py
+import torch  # noqa: E402
 from common import RESULTS, print_table, write_json
-from replay import WallClock, replay
+from replay import ITERATION_COLUMNS, WallClock, replay
 from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import FEATURES, LatencyModel
+from flexllm.worker.coserve.latency import LatencyModel
 from flexllm.worker.coserve.policy import SLO, measure_speed
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.finetune.runner import FinetuneRunner
@@ -93,6 +103,12 @@ def run_separate(args, slo: SLO, trace_kind: str, rate: float, duration: float) 
             "inference_tokens_per_s": inf["inference_tokens_per_s"]}
 
 
+def mean_output_tokens(kind: str, seed: int, length_scale: float) -> float:
+    """A request's mean output length in ``kind``'s traces (over 1000 requests)."""
+    trace = make_trace(kind, 1.0, 1000.0, seed, length_scale)
+    return sum(a.output_tokens for a in trace) / len(trace)
+
+
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -136,7 +152,7 @@ def summarize(rows: list[dict], ft_only: float, idle: float) -> dict:
     }
 
 
-def plot(rows: list[dict], timeline_row: dict | None) -> None:
+def plot(rows: list[dict], timeline_row: dict | None, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +177,7 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
                    title=f"SLO attainment, TTFT and TPOT ({trace})", ylim=(0, 1.05))
     axes[0][1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(RESULTS / "coserve_rates.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}_rates.png", dpi=110)
     if timeline_row:
         t = timeline_row["timeline"]
         fig, ax = plt.subplots(figsize=(11, 3.5))
@@ -170,22 +186,26 @@ def plot(rows: list[dict], timeline_row: dict | None) -> None:
                title=f"Token budget split, co-serving at {timeline_row['rate']} req/s ({timeline_row['trace']})")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        fig.savefig(RESULTS / "coserve_timeline.png", dpi=110)
+        fig.savefig(RESULTS / f"{name}_timeline.png", dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
-    parser.add_argument("--rates", default="0.5,1,2,4")
+    parser.add_argument("--rates", default="0.5,1", help="request rates, in --rate-unit")
+    parser.add_argument("--rate-unit", choices=["serial", "req/s"], default="serial",
+                        help="serial: multiples of what this machine serves one request at a time (measured at "
+                             "start, like the SLOs, so a slower or busier machine gets the same relative load)")
     parser.add_argument("--traces", default="azure", help=f"comma-separated, of {', '.join(TRACES)}")
     parser.add_argument("--length-scale", type=float, default=CPU_LENGTH_SCALE,
                         help="Azure prompt and output lengths are multiplied by this (one factor)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (at least)")
-    parser.add_argument("--min-requests", type=float, default=20.0,
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per run (at least)")
+    parser.add_argument("--min-requests", type=float, default=10.0,
                         help="low rates run longer: duration >= min_requests / rate")
-    parser.add_argument("--temporal-periods", default="2,4,8,16")
+    parser.add_argument("--temporal-periods", default="4,8,16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="coserve", help="results/NAME.json, NAME_iterations.json, NAME_*.png")
     parser.add_argument("--child", choices=["inference", "finetune"])
     parser.add_argument("--threads", type=int)
     parser.add_argument("--slo")
@@ -195,7 +215,8 @@ def main() -> None:
     if args.child:
         return separate_child(args)
     engine = LLMEngine(model=args.model, dtype="auto", device=args.device)
-    slo = measure_speed(engine).slo()
+    speed = measure_speed(engine)
+    slo = speed.slo()
     print(f"SLOs for this machine: TTFT {slo.ttft_s:.2f}s, TPOT {slo.tpot_s * 1000:.0f}ms", flush=True)
     profiler = CoServingEngine(engine, slo)
     profiler.profile()
@@ -209,18 +230,22 @@ def main() -> None:
     idle_row.update(trace="none", rate=0.0, duration_s=args.duration)
     systems = [("coserve", 4), ("inference-only", 4)] + [("temporal", int(p)) for p in args.temporal_periods.split(",")]
     for trace_kind in args.traces.split(","):
-        for rate in map(float, args.rates.split(",")):
+        serial = 1.0 / speed.request_s(mean_output_tokens(trace_kind, args.seed, args.length_scale))
+        unit = serial if args.rate_unit == "serial" else 1.0
+        print(f"{trace_kind}: one request at a time, this machine serves {serial:.2f} req/s", flush=True)
+        for load in map(float, args.rates.split(",")):
+            rate = load * unit
             duration = max(args.duration, args.min_requests / rate)  # enough requests for an attainment
             trace = make_trace(trace_kind, rate, duration, args.seed, args.length_scale)
             for policy, period in systems:
                 row = run_system(engine, latency, slo, policy, trace, duration, period,
                                  with_finetune=policy != "inference-only")
-                row.update(trace=trace_kind, rate=rate, duration_s=duration)
+                row.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
                 rows.append(row)
                 print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "
                       f"ft {row['finetune_tokens_per_s']:.1f} tok/s", flush=True)
             sep = run_separate(args, slo, trace_kind, rate, duration)
-            sep.update(trace=trace_kind, rate=rate, duration_s=duration)
+            sep.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
             rows.append(sep)
             print(f"{trace_kind} {rate} separate: attainment {sep['slo_attainment']:.2f}, "
                   f"ft {sep['finetune_tokens_per_s']:.1f} tok/s", flush=True)
@@ -231,14 +256,15 @@ def main() -> None:
                        "inference_tokens_per_s"])
     print(json.dumps(summary, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, timeline_row)
+    plot(rows, timeline_row, args.name)
     measured = [ft_only_row, idle_row, *(r for r in rows if "iterations" in r)]
-    write_json("coserve_iterations", {"features": list(FEATURES), "runs": [
+    write_json(f"{args.name}_iterations", {"columns": list(ITERATION_COLUMNS), "runs": [
         {k: r[k] for k in ("trace", "rate", "policy", "temporal_period", "iterations")} for r in measured]})
-    path = write_json("coserve", {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+    path = write_json(args.name, {**summary, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
                                   "setup": {"seed": args.seed, "length_scale": args.length_scale,
+                                            "rate_unit": args.rate_unit,
                                             "max_finetune_tokens": MAX_FINETUNE_TOKENS,
                                             "max_tokens_per_batch": engine.config.max_tokens_per_batch,
                                             "max_num_seqs": engine.config.max_num_seqs,

@@ -5,8 +5,10 @@ attend to), the fine-tuning tokens fused into its forward, and the fine-tuning u
 pass of their own (a backward unit's recomputation + backpropagation, or any unit with no inference
 forward to ride). Two models price it:
 
-- ``MeasuredCost``: the engine's own linear latency model (``worker/coserve/latency.py``), fitted by
-  least squares on iterations measured on this machine (``fit_measured``);
+- ``MeasuredCost``: a linear model over the iteration's terms (``MEASURED_TERMS``: inference tokens,
+  decode rows, decode context, fine-tuning forward/backward tokens, fused riders, units of their own
+  pass, fixed overhead), fitted by non-negative least squares on every iteration of real
+  ``coserve.py`` runs on this machine;
 - ``RooflineCost``: FLOPs and bytes of each pass for a model shape on a GPU, each pass taking
   max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth) plus a fixed per-pass overhead. The
   achieved fractions are the only free parameters, all in ``EFFICIENCY`` with their sources; the GPU
@@ -16,10 +18,11 @@ forward to ride). Two models price it:
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexllm.worker.coserve.latency import IterationShape, LatencyModel
+from flexllm.worker.coserve.latency import IterationShape, nonnegative_lstsq
 
 
 @dataclass(frozen=True)
@@ -39,23 +42,60 @@ class Work:
                               self.finetune_backward_tokens, self.own_passes)
 
 
+# The measured model's terms: seconds per iteration = intercept (any work at all) + a coefficient per
+# term. Decode rows pay a per-row cost beyond their token (paged attention and sampling per sequence);
+# fused riders a fixed cost per forward chunk riding the inference forward; units of their own pass
+# (a backward unit, or a unit with no inference forward to ride) a fixed cost each.
+MEASURED_TERMS = ("inference_tokens", "decode_rows", "decode_context_tokens", "finetune_forward_tokens",
+                  "finetune_backward_tokens", "fused_riders", "finetune_units")
+
+
+def measured_terms(inference_tokens: int, decode_rows: int, decode_context_tokens: int, forward_tokens: int,
+                   backward_tokens: int, units: int) -> list[float]:
+    """One iteration's terms (``MEASURED_TERMS`` order, 1 for the intercept first)."""
+    fused = float(inference_tokens > 0 and forward_tokens > 0 and units == 0)  # one job: its chunk rode along
+    return [1.0, inference_tokens, decode_rows, decode_context_tokens, forward_tokens, backward_tokens, fused, units]
+
+
+def record_terms(record: dict[str, float]) -> list[float]:
+    """``measured_terms`` of an iteration recorded by ``replay`` (``ITERATION_COLUMNS`` as keys)."""
+    return measured_terms(*(int(record[k]) for k in ("inference_tokens", "decode_rows", "decode_context_tokens",
+                                                     "finetune_forward_tokens", "finetune_backward_tokens",
+                                                     "finetune_units")))
+
+
 class MeasuredCost:
-    """Seconds from the latency model's coefficients (``FEATURES`` order, intercept first)."""
+    """Seconds of an iteration from coefficients fitted on this machine's measured iterations, times a
+    noise factor drawn (seeded) from the measured iterations' own ``noise``: measured / fitted seconds.
+    On a machine shared with other processes an iteration's time varies well beyond its shape, and the
+    scheduler reacts to that (its latency model's error margins), so the simulator replays the same spread."""
 
-    def __init__(self, coef: list[float]):
-        self.model = LatencyModel()
-        self.model.coef = list(coef)
+    def __init__(self, coef: dict[str, float], noise: list[float] = (), seed: int = 0):
+        self.coef = coef  # "intercept" and MEASURED_TERMS -> seconds per unit of each
+        self.noise = list(noise)
+        self.rng = random.Random(seed)
 
-    def seconds(self, work: Work) -> float:
-        return max(0.0, self.model.predict(work.shape()))
+    def seconds(self, work: Work, iteration: bool = True) -> float:
+        """``iteration``: the work is a whole iteration (False: more units within one, no overhead of its own)."""
+        if work == Work():
+            return 0.0
+        shape = work.shape()
+        decode_rows = sum(1 for new, _ in work.rows if new == 1)
+        terms = measured_terms(shape.inference_tokens, decode_rows, shape.decode_context_tokens,
+                               shape.finetune_forward_tokens, shape.finetune_backward_tokens, shape.finetune_units)
+        terms[0] = float(iteration)
+        seconds = sum(c * x for c, x in zip(self.coef.values(), terms, strict=True))
+        return seconds * self.rng.choice(self.noise) if self.noise else seconds
 
-
-def fit_measured(samples: list[tuple[IterationShape, float]]) -> list[float]:
-    """Least-squares coefficients (non-negative) from measured (shape, seconds) iterations."""
-    model = LatencyModel(window=len(samples) + 1)
-    model.samples.extend((shape.vector(), seconds) for shape, seconds in samples)
-    model.fit()
-    return model.coef
+    @classmethod
+    def fit(cls, records: list[dict[str, float]], seed: int = 0) -> MeasuredCost:
+        """Non-negative least squares over measured iterations (``replay``'s records), and their noise."""
+        terms = [record_terms(r) for r in records]
+        coef = nonnegative_lstsq(terms, [r["seconds"] for r in records])
+        fitted = cls(dict(zip(("intercept", *MEASURED_TERMS), (c or 0.0 for c in coef), strict=True)))
+        predicted = [sum(c * x for c, x in zip(fitted.coef.values(), t, strict=True)) for t in terms]
+        noise = [r["seconds"] / p for r, p in zip(records, predicted, strict=True) if p > 0]
+        return cls(fitted.coef, noise, seed)
 
 
 @dataclass(frozen=True)
@@ -177,7 +217,8 @@ class RooflineCost:
         head = 2 * m.hidden * m.vocab
         return forward_tokens * (lora + head) + backward_tokens * 2 * (lora + head)
 
-    def seconds(self, work: Work) -> float:
+    def seconds(self, work: Work, iteration: bool = True) -> float:
+        """(Every pass carries its own overhead, so ``iteration`` changes nothing here.)"""
         total = 0.0
         m = self.model
         if work.rows or work.finetune_forward_tokens:

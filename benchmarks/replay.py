@@ -1,5 +1,8 @@
 """Replays an arrival trace against a ``CoServingEngine`` while its jobs train: one loop for the real
-engine (``coserve.py``, wall-clock time) and the simulator (``simulate.py``, simulated time)."""
+engine (``coserve.py``, wall-clock time) and the simulator (``simulate.py``, simulated time).
+
+Each iteration is recorded as ``ITERATION_COLUMNS``: the latency model's features, the decode rows
+among the inference tokens, the fine-tuning tokens trained, and the measured seconds."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ from collections.abc import Callable
 from traces import Arrival
 
 from flexllm.worker.coserve.engine import CoServingEngine
+from flexllm.worker.coserve.latency import FEATURES
 from flexllm.worker.engine.sampling import SamplingParams
+
+ITERATION_COLUMNS = (*FEATURES, "decode_rows", "trained_tokens", "seconds")
 
 
 class WallClock:
@@ -52,7 +58,8 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
         ft = sum(w.trained_tokens for w in result.finetune.values())
         ft_tokens += ft
         timeline.append((round(now, 3), result.shape.inference_tokens, ft))
-        iterations.append([*result.shape.vector()[1:], result.seconds])  # FEATURES..., seconds
+        decode_rows = sum(len(out.token_ids) > 1 for out in result.outputs)  # (a prefill's last chunk: 1 token)
+        iterations.append([*result.shape.vector()[1:], decode_rows, ft, result.seconds])
     return {"policy": co.scheduler.policy,
             "temporal_period": co.scheduler.temporal_period if co.scheduler.policy == "temporal" else None,
             "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),

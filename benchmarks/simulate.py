@@ -23,13 +23,13 @@ import math
 from dataclasses import dataclass
 
 from common import RESULTS, print_table, write_json
-from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work, fit_measured
+from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work
 from replay import replay
 from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
-from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
-from flexllm.worker.coserve.policy import SLO, InferenceDemand
+from flexllm.worker.coserve.latency import LatencyModel
+from flexllm.worker.coserve.policy import InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.llm_engine import RiderPlan, inference_demand
 from flexllm.worker.engine.outputs import RequestOutput
@@ -37,8 +37,10 @@ from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler
 from flexllm.worker.engine.sequence import Sequence
 from flexllm.worker.finetune.runner import WorkDone
+from flexllm.worker.options import SLO
 
 MIN_ITERATION_S = 1e-5  # an iteration that schedules nothing still moves time on
+MAX_FT_ERROR, MAX_SLO_ERROR = 0.15, 0.05  # a projection counts only while validation stays within these
 
 
 class SimClock:
@@ -114,9 +116,10 @@ class SimEngine:
         return self._advance(batch)
 
     def run_alone(self, unit: SimUnit) -> None:
+        """One more unit on its own within the iteration (``CoServingEngine``'s spending with no inference)."""
         forward = unit.kind == "forward"
         self.clock.advance(self.cost.seconds(Work((), unit.cost if forward else 0, 0 if forward else unit.cost,
-                                                  1, 0 if forward else 1)))
+                                                  1, 0 if forward else 1), iteration=False))
 
     def _advance(self, batch: ScheduledBatch) -> list[RequestOutput]:
         now, outputs = self.clock.now(), []
@@ -143,13 +146,31 @@ class SimEngine:
         return done
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """How a FinetuneJob's work comes in units: at most ``unit_tokens`` tokens of cost per unit (None: as
+    many as the budget), and the training progress a token of cost buys (``Unit.trained`` per ``Unit.cost``;
+    0.5 when a token's forward and backward cost the same, less where the loss's LM head adds cost)."""
+
+    unit_tokens: int | None = None
+    trained_per_token: float = 0.5
+
+    @classmethod
+    def measured(cls, records: list[dict[str, float]]) -> JobShape:
+        """From iterations of a real job (``replay``'s records, e.g. a fine-tune-only run)."""
+        tokens = sum(r["finetune_forward_tokens"] + r["finetune_backward_tokens"] for r in records)
+        units = sum(r["finetune_units"] for r in records)
+        return cls(round(tokens / units) if units else None,
+                   sum(r["trained_tokens"] for r in records) / tokens if tokens else 0.5)
+
+
 class SimJob:
     """A FinetuneJob's work units by token cost: each micro-batch of ``batch_tokens`` tokens goes
-    forward in units of at most the budget, then backward; a token counts as trained once its
-    backward is done (as ``FinetuneRunner`` counts ``Unit.trained``)."""
+    forward in units of at most the budget (and ``shape.unit_tokens``), then backward; each unit
+    counts ``shape.trained_per_token`` of its cost as trained (as ``FinetuneRunner`` counts ``Unit.trained``)."""
 
-    def __init__(self, engine: SimEngine, batch_tokens: int = 256):
-        self.engine, self.batch_tokens = engine, batch_tokens
+    def __init__(self, engine: SimEngine, batch_tokens: int = 256, shape: JobShape = JobShape()):
+        self.engine, self.batch_tokens, self.shape = engine, batch_tokens, shape
         self.forward_left, self.backward_left = batch_tokens, batch_tokens
         self.done = False
 
@@ -158,10 +179,10 @@ class SimJob:
         return self.forward_left == 0
 
     def plan_work(self, token_budget: int) -> SimUnit:
-        if self.forward_left:
-            return SimUnit("forward", min(token_budget, self.forward_left), 0.0)
-        cost = min(token_budget, self.backward_left)
-        return SimUnit("backward", cost, float(cost))
+        largest = min(token_budget, self.shape.unit_tokens or token_budget)
+        kind, left = ("forward", self.forward_left) if self.forward_left else ("backward", self.backward_left)
+        cost = min(largest, left)
+        return SimUnit(kind, cost, cost * self.shape.trained_per_token)
 
     def finish_work(self, unit: SimUnit) -> WorkDone:
         if unit.kind == "forward":
@@ -181,7 +202,7 @@ class SimJob:
 
 def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: float, config: SimConfig,
              max_finetune_tokens: int, temporal_period: int = 4, jobs: int = 1, batch_tokens: int = 256,
-             latency: LatencyModel | None = None) -> dict:
+             latency: LatencyModel | None = None, job_shape: JobShape = JobShape()) -> dict:
     """One system on one trace in simulated time (the real ``replay`` loop); SIMULATION."""
     clock = SimClock()
     engine = SimEngine(cost, clock, config)
@@ -189,42 +210,56 @@ def simulate(cost, slo: SLO, policy: str, trace: list[Arrival], duration_s: floa
     if latency is None:
         co.profile()
     for j in range(jobs if policy != "inference-only" else 0):
-        co.add_job(f"job{j}", SimJob(engine, batch_tokens))
+        co.add_job(f"job{j}", SimJob(engine, batch_tokens, job_shape))
     return {**replay(co, trace, duration_s, lambda i, a: [0] * a.prompt_tokens, clock.idle_until),
             "simulated": True}
 
 
 # -- validation against real runs on this machine ------------------------------------------------------
-def validate() -> dict:
-    """Fit the measured cost model on every iteration of the last ``coserve.py`` run, re-run each of its
-    systems, traces and rates in simulation, and compare (fine-tuning tokens/s relative error, SLO
-    attainment absolute error)."""
-    real = json.loads((RESULTS / "coserve.json").read_text())
-    measured = json.loads((RESULTS / "coserve_iterations.json").read_text())["runs"]
-    samples = [(IterationShape(*map(int, it[:-1])), it[-1]) for run in measured for it in run["iterations"]]
-    cost = MeasuredCost(fit_measured(samples))
-    setup, slo = real["setup"], SLO(**real["slo"])
-    config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
-                       setup["block_size"])
-    checks = [{"trace": "none", "rate": 0.0, "policy": "finetune-only", "temporal_period": None,
-               "duration_s": real["duration_s"], "slo_attainment": 1.0,
-               "finetune_tokens_per_s": real["finetune_only_tokens_per_s"]}]
-    checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
+def load_run(name: str) -> tuple[dict, list[dict[str, float]]]:
+    """A ``coserve.py --name NAME`` run: its results and its measured iterations (``replay``'s records)."""
+    real = json.loads((RESULTS / f"{name}.json").read_text())
+    measured = json.loads((RESULTS / f"{name}_iterations.json").read_text())
+    columns = measured["columns"]
+    return real, [{**dict(zip(columns, it, strict=True)), "policy": run["policy"]}
+                  for run in measured["runs"] for it in run["iterations"]]
+
+
+def validate(fit_on: str, check: list[str]) -> dict:
+    """Fit the measured cost model on every iteration of the real run ``fit_on``, re-run each system,
+    trace and rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency
+    model), and compare: fine-tuning tokens/s (relative error) and SLO attainment (absolute error)."""
+    records = load_run(fit_on)[1]
+    cost = MeasuredCost.fit(records)
+    job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
     rows = []
-    for row in checks:
-        trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
-                                                             setup["seed"], setup["length_scale"])
-        sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
-                       row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"])
-        ft_error = (abs(sim["finetune_tokens_per_s"] - row["finetune_tokens_per_s"]) / row["finetune_tokens_per_s"]
-                    if row["finetune_tokens_per_s"] else None)
-        rows.append({"trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
-                     "temporal_period": row["temporal_period"],
-                     "real_ft": row["finetune_tokens_per_s"], "sim_ft": sim["finetune_tokens_per_s"],
-                     "ft_error": ft_error, "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
-                     "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
-    ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None and r["real_ft"] >= 1.0]
-    return {"cost_model": dict(zip(("intercept", *FEATURES), cost.model.coef, strict=True)),
+    for name in check:
+        real = load_run(name)[0]
+        setup, slo = real["setup"], SLO(**real["slo"])
+        config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
+                           setup["block_size"])
+        idle = {"trace": "none", "rate": 0.0, "temporal_period": None, "duration_s": real["duration_s"],
+                "slo_attainment": 1.0}
+        checks = [{**idle, "policy": "finetune-only", "finetune_tokens_per_s": real["finetune_only_tokens_per_s"]},
+                  {**idle, "policy": "coserve", "finetune_tokens_per_s": real["coserve_idle_tokens_per_s"]}]
+        checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
+        for row in checks:
+            trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
+                                                                 setup["seed"], setup["length_scale"])
+            latency = LatencyModel()
+            latency.coef = list(real["latency_model"])  # the run's start-up profile
+            sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
+                           row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"], latency=latency,
+                           job_shape=job)
+            real_ft = row["finetune_tokens_per_s"]
+            rows.append({"run": name, "trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
+                         "temporal_period": row["temporal_period"], "real_ft": real_ft,
+                         "sim_ft": sim["finetune_tokens_per_s"],
+                         "ft_error": abs(sim["finetune_tokens_per_s"] - real_ft) / real_ft if real_ft else None,
+                         "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
+                         "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
+    ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None]
+    return {"fitted_on": fit_on, "checked": check, "cost_model": cost.coef, "job_shape": job.__dict__,
             "validation_max_ft_error": max(ft_errors, default=None),
             "validation_max_slo_error": max((r["slo_error"] for r in rows), default=None), "rows": rows}
 
@@ -436,7 +471,12 @@ def geomean(values: list[float]) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "project", "fleet", "all"])
-    parser.add_argument("--rates", default="1,2,4,8,12,16,20", help="Azure trace rescaled to these req/s")
+    parser.add_argument("--fit", default="coserve", help="the coserve.py run (--name) the cost model is fitted on")
+    parser.add_argument("--check", default="coserve,coserve_run2",
+                        help="coserve.py runs (--name) to predict; those present are checked")
+    parser.add_argument("--rates", default="2,5,10,20,30,40,60",
+                        help="Azure trace rescaled to these req/s per GPU (a 4-GPU deployment gets 4x), light to "
+                             "past saturation")
     parser.add_argument("--duration", type=float, default=30.0, help="simulated seconds per run")
     parser.add_argument("--temporal-periods", default="4,16")
     parser.add_argument("--fleet-rate", type=float, default=8.0, help="req/s per replica in the fleet")
@@ -446,15 +486,19 @@ def main() -> None:
     out.pop("machine", None)
     out["label"] = "SIMULATION: the real scheduler in simulated time; see benchmarks/simulate.py"
     if args.command in ("validate", "all"):
-        out["validation"] = validate()
+        checked = [name for name in args.check.split(",") if (RESULTS / f"{name}.json").exists()]
+        out["validation"] = validate(args.fit, checked)
         for key in ("validation_max_ft_error", "validation_max_slo_error"):
             out[key] = out["validation"][key]
-        print_table(out["validation"]["rows"], ["trace", "rate", "policy", "temporal_period", "real_ft", "sim_ft",
-                                                 "ft_error", "real_slo", "sim_slo", "slo_error"])
+        print_table(out["validation"]["rows"], ["run", "trace", "rate", "policy", "temporal_period", "real_ft",
+                                                 "sim_ft", "ft_error", "real_slo", "sim_slo", "slo_error"])
+    ft_error, slo_error = out.get("validation_max_ft_error"), out.get("validation_max_slo_error")
+    out["projections_valid"] = (ft_error is not None and slo_error is not None and len(
+        out["validation"]["checked"]) >= 2 and ft_error <= MAX_FT_ERROR and slo_error <= MAX_SLO_ERROR)
     if args.command in ("project", "all"):
         rates = [float(r) for r in args.rates.split(",")]
         periods = [int(p) for p in args.temporal_periods.split(",")]
-        out["projections"] = [project(d, rates, args.duration, periods) for d in DEPLOYMENTS]
+        out["projections"] = [project(d, [r * d.gpus for r in rates], args.duration, periods) for d in DEPLOYMENTS]
         headline = out["projections"][0]
         out.update({k: headline[k] for k in ("sim_ft_ratio_vs_separate", "sim_ft_ratio_vs_best_temporal",
                                               "sim_ft_peak_ratio", "sim_min_slo_attainment")})

@@ -5,7 +5,8 @@
   (columns TIMESTAMP, ContextTokens, GeneratedTokens; 19,366 requests over 58 minutes, 5.5 req/s),
   licensed CC-BY 4.0. It is not vendored in this repository: put the CSV at one of ``AZURE_PATHS``
   (or name it with ``FLEXLLM_AZURE_TRACE``). As in the paper, its inter-arrival times are rescaled to
-  each target rate; prompt and output lengths are multiplied by one ``length_scale`` (1.0 for a GPU
+  each target rate, from a window of the trace that arrives at its mean rate (``typical_window``;
+  another seed: a random start); prompt and output lengths are multiplied by one ``length_scale`` (1.0 for a GPU
   model; the CPU benchmark uses ``CPU_LENGTH_SCALE`` so a 135M model on 2 cores sees the trace's
   shape at lengths it can serve) and clamped to the model's context.
 - ``poisson`` / ``bursty``: synthetic arrivals (exponential gaps, or gamma gaps with CV 2) with
@@ -77,6 +78,16 @@ def rescale(recorded: list[Arrival], rate: float, duration_s: float, length_scal
     return out
 
 
+def typical_window(recorded: list[Arrival], count: int) -> int:
+    """Where ``count`` consecutive requests of the trace arrive at its mean rate: the first request of
+    the window whose span is closest to ``count`` mean gaps (a short replay from the trace's first
+    request would see its sparse opening minutes)."""
+    mean_gap = (recorded[-1].time_s - recorded[0].time_s) / (len(recorded) - 1)
+    spans = ((abs(recorded[i + count].time_s - recorded[i].time_s - count * mean_gap), i)
+             for i in range(len(recorded) - count))
+    return min(spans)[1]
+
+
 def _scaled(tokens: int, scale: float, cap: int) -> int:
     return max(1, min(cap, round(tokens * scale)))
 
@@ -100,7 +111,10 @@ def make_trace(kind: str, rate: float, duration_s: float, seed: int = 0, length_
     """A trace of ``kind`` (one of ``TRACES``) at ``rate`` req/s for ``duration_s`` seconds."""
     if kind == "azure":
         recorded = load_azure()
-        offset = random.Random(seed).randrange(len(recorded)) if seed else 0
+        if seed:
+            offset = random.Random(seed).randrange(len(recorded))
+        else:
+            offset = typical_window(recorded, max(2, round(rate * duration_s)))
         return rescale(recorded, rate, duration_s, length_scale, max_prompt_tokens, max_output_tokens, offset)
     if kind in ("poisson", "bursty"):
         return synthetic(kind, rate, duration_s, seed, max_prompt_tokens, max_output_tokens)

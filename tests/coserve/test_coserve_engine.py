@@ -42,7 +42,7 @@ def engine_for(model_dir) -> LLMEngine:
 def tight_latency() -> LatencyModel:
     """Priced so that fine-tuning gets a few tokens next to inference, and all of them when idle."""
     model = LatencyModel(refit_every=10**9)
-    model.coef = [0.001, 0.001, 0.0, 0.002, 0.004, 0.0]
+    model.coef = [0.001, 0.001, 0.0, 0.002, 0.004, 0.0, 0.0]
     return model
 
 

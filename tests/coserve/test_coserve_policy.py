@@ -10,9 +10,9 @@ from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand,
 SLO_50MS = SLO(ttft_s=2.0, tpot_s=0.050)
 
 
-def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002, c_unit=0.0) -> LatencyModel:
+def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002, c_unit=0.0, c_rider=0.0) -> LatencyModel:
     model = LatencyModel()
-    model.coef = [c0, c_tok, c_ctx, c_fwd, c_bwd, c_unit]
+    model.coef = [c0, c_tok, c_ctx, c_fwd, c_bwd, c_unit, c_rider]
     return model
 
 
@@ -47,7 +47,7 @@ def test_finetuning_gets_exactly_the_leftover_time():
         (target - model.predict(shape)) / model.coef[4])
 
 
-def test_a_backward_units_fixed_cost_comes_off_the_leftover_a_fused_forward_chunk_has_none():
+def test_a_units_fixed_cost_comes_off_the_leftover_a_fused_forward_chunk_pays_the_riders():
     shape = IterationShape(inference_tokens=40)
     kind = "finetune_backward_tokens"
     free = scheduler(latency()).finetune_budget(shape, kind, idle=False)
@@ -57,6 +57,12 @@ def test_a_backward_units_fixed_cost_comes_off_the_leftover_a_fused_forward_chun
     assert scheduler(latency(c_unit=0.040)).finetune_budget(shape, kind, idle=False) == 0
     forward = scheduler(latency(c_unit=0.040)).finetune_budget(shape, "finetune_forward_tokens", idle=False)
     assert forward == scheduler(latency()).finetune_budget(shape, "finetune_forward_tokens", idle=False) > 0
+    rider = latency(c_unit=0.040, c_rider=0.010)
+    fused = scheduler(rider).finetune_budget(shape, "finetune_forward_tokens", idle=False)
+    assert fused == int((SLO_50MS.tpot_s * 0.85 - rider.predict(shape) - 0.010) / rider.coef[3]) < forward
+    # the rider's cost is learnt from iterations where a forward chunk rode along (and only those)
+    assert IterationShape(40, 0, 16).finetune_riders == 1
+    assert IterationShape(40, 0, 16, 0, 1).finetune_riders == IterationShape(0, 0, 16, 0, 1).finetune_riders == 0
 
 
 def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():
@@ -70,7 +76,8 @@ def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():
 
 def test_ttft_at_risk_outranks_one_tpot_by_just_enough():
     sched = scheduler(latency(c_tok=0.0004))
-    on_pace = dict(decodes=10, prefill_tokens=400, min_tpot_slack_s=SLO_50MS.tpot_s)  # 42.5 ms iterations
+    # slack for 42.5 ms iterations
+    on_pace = dict(decodes=10, prefill_tokens=400, min_tpot_slack_s=0.0425 / sched.slack_margin)
     # relaxed: the prefill that fits the iteration, (42.5 - 10 - 10 * 0.4) / 0.4 = 71 tokens
     assert sched.inference_budget(InferenceDemand(**on_pace, min_ttft_slack_s=100.0), has_finetune=True) == 10 + 71
     # 4 iterations left to the deadline: a quarter of the prompts per iteration

@@ -2,8 +2,11 @@
 
     t = c0 + c_infer * inference_tokens + c_ctx * decode_context_tokens
            + c_fwd * finetune_forward_tokens + c_bwd * finetune_backward_tokens + c_unit * finetune_units
+           + c_rider * finetune_riders
 
-(a fine-tuning work unit is its own pass over the layers, so each one carries a fixed cost)
+(a fine-tuning work unit of its own pass over the layers carries a fixed cost; so does a forward
+chunk riding the inference forward: its own attention, LoRA and bookkeeping per layer, measured on
+a busy 2-core machine at about one decode step's worth)
 
 Least squares over a sliding window of measured iterations; coefficients are kept >= 0 so the
 model stays monotone and can be inverted into a token budget. Budgets also leave room for the
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 FEATURES = ("inference_tokens", "decode_context_tokens", "finetune_forward_tokens", "finetune_backward_tokens",
-            "finetune_units")
+            "finetune_units", "finetune_riders")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class IterationShape:
     finetune_backward_tokens: int = 0
     finetune_units: int = 0
 
+    @property
+    def finetune_riders(self) -> int:
+        """Forward chunks that rode the inference forward: one when fine-tuning forward tokens went along
+        with inference and no unit needed a pass of its own (one job's unit per iteration)."""
+        return int(self.inference_tokens > 0 and self.finetune_forward_tokens > 0 and self.finetune_units == 0)
+
     def vector(self) -> list[float]:
         return [1.0, *(float(getattr(self, f)) for f in FEATURES)]
 
@@ -44,7 +53,7 @@ class LatencyModel:
         self.errors = {kind: deque(maxlen=error_window)
                        for kind in ("inference_tokens", "finetune_forward_tokens", "finetune_backward_tokens")}
         self.refit_every = refit_every
-        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0]  # seconds; replaced by the first fit
+        self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
 
     def predict(self, shape: IterationShape) -> float:
@@ -58,24 +67,12 @@ class LatencyModel:
             self.fit()
 
     def fit(self) -> None:
-        """Non-negative least squares by clamping and refitting the remaining features."""
+        """Non-negative least squares over the window; features never seen keep their estimate."""
         self._since_fit = 0
         if len(self.samples) < 4:
             return
-        x = torch.tensor([s[0] for s in self.samples], dtype=torch.float64)  # [N, 5]
-        y = torch.tensor([s[1] for s in self.samples], dtype=torch.float64)  # [N]
-        active = [i for i in range(x.shape[1]) if x[:, i].abs().sum() > 0]
-        while active:
-            sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0]
-            negative = [a for a, c in zip(active, sol.tolist()) if c < 0]
-            if not negative:
-                coef = [0.0] * x.shape[1]
-                for a, c in zip(active, sol.tolist()):
-                    coef[a] = c
-                # features never seen keep their previous estimate
-                self.coef = [c if i in active else self.coef[i] for i, c in enumerate(coef)]
-                return
-            active = [a for a in active if a not in negative]
+        coef = nonnegative_lstsq([s[0] for s in self.samples], [s[1] for s in self.samples])
+        self.coef = [self.coef[i] if c is None else c for i, c in enumerate(coef)]
 
     def error_margin(self, kind: str = "inference_tokens") -> float:
         """How much the model recently under-predicted iterations that add tokens of ``kind`` (90th
@@ -98,6 +95,23 @@ class LatencyModel:
         if per_token <= 0:
             return cap
         return max(0, min(cap, int(room / per_token)))
+
+
+def nonnegative_lstsq(rows: list[list[float]], seconds: list[float]) -> list[float | None]:
+    """Least squares with coefficients >= 0 (clamping the negative ones to 0 and refitting the rest);
+    None for a column that is all zeros (nothing to learn it from), or for all when every one clamps."""
+    x = torch.tensor(rows, dtype=torch.float64)  # [N, F]
+    y = torch.tensor(seconds, dtype=torch.float64)  # [N]
+    seen = [i for i in range(x.shape[1]) if x[:, i].abs().sum() > 0]
+    active = list(seen)
+    while active:
+        sol = torch.linalg.lstsq(x[:, active], y[:, None]).solution[:, 0].tolist()
+        negative = [a for a, c in zip(active, sol) if c < 0]
+        if not negative:
+            fitted = dict(zip(active, sol))
+            return [fitted.get(i, 0.0) if i in seen else None for i in range(x.shape[1])]
+        active = [a for a in active if a not in negative]
+    return [None] * x.shape[1]
 
 
 def _error_kind(shape: IterationShape) -> str:
