@@ -55,6 +55,8 @@ def test_requests_share_the_same_cached_blocks(tiny_llama_dir):
     assert a.block_table[:5] == b.block_table[:5] and a.block_table[5] != b.block_table[5]
     assert all(engine.block_manager.ref_counts[block] == 2 for block in a.block_table[:5])
     assert engine.block_manager.hit_tokens - before == 2 * 20
+    whole = Sequence("whole", PREFIX[:20], GREEDY)  # 5 cached blocks: the last token's must be computed
+    assert engine.block_manager.match_prefix(whole, b"") == a.block_table[:4]
 
 
 def test_a_new_adapter_version_gets_no_hits_from_the_previous_one(tiny_llama_dir, adapter_dirs, tmp_path):  # noqa: F811
@@ -93,6 +95,21 @@ def test_an_adapter_folder_changed_after_registration_fails_its_request(tiny_lla
     shutil.copy(adapter_dirs["all"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")
     out = engine.generate([PREFIX], GREEDY, lora="job")[0]
     assert out.finish_reason == "error" and "changed since it was registered" in out.error
+
+
+def test_new_content_under_a_name_in_use_waits_for_its_requests(tiny_llama_dir, adapter_dirs):  # noqa: F811
+    engine = make_engine(tiny_llama_dir, max_loras=2, max_lora_rank=8, block_size=4)
+    engine.add_lora("job", adapter_dirs["attn"])
+    engine.add_request("r", PREFIX, GREEDY, "job")
+    engine.step()
+    with pytest.raises(ValueError, match="in use by running requests"):
+        engine.add_lora("job", adapter_dirs["all"])
+    engine.add_lora("job", adapter_dirs["attn"])  # the same content again is fine
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_lora("job", adapter_dirs["all"])
+    assert texts(engine.generate([PREFIX], GREEDY, lora="job"))[0] == peft_greedy(
+        tiny_llama_dir, adapter_dirs["all"], PREFIX, 6)
 
 
 def start(bm: BlockManager, name: str, tokens: list[int]) -> Sequence:

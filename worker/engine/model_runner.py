@@ -55,44 +55,38 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
         """-> input_ids [T], the step context, and the flat rows whose logits are sampled [N].
 
-        The host gathers only per-sequence values into one int64 buffer, copied to the device once;
-        per-token positions and KV slots are derived there with tensor ops."""
-        seqs, num_new = batch.seqs, batch.num_new_tokens
-        width = max(len(s.block_table) for s in seqs)
-        host: list[int] = []  # [input_ids T | computed B | num_new B | lora slot B | due seqs N | tables B*width]
-        due = []
-        for i, (seq, n) in enumerate(zip(seqs, num_new, strict=True)):
-            host += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                due.append(i)
-        num_tokens, num_seqs = len(host), len(seqs)
-        host += [s.num_computed_tokens for s in seqs]
-        host += num_new
-        host += [s.lora_slot for s in seqs]
-        host += due
-        for seq in seqs:
-            host += seq.block_table
-            host += [0] * (width - len(seq.block_table))
-        buffer = torch.tensor(host, dtype=torch.int64)
-        if self.device.type == "cuda":
-            buffer = buffer.pin_memory().to(self.device, non_blocking=True)
-        input_ids, computed, new, lora_slots, due_seqs, tables = buffer.split(
-            [num_tokens, num_seqs, num_seqs, num_seqs, len(due), num_seqs * width])
-        ends = torch.cumsum(new, 0)  # [B] end of each sequence's tokens in the flat batch
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=self.device), new,
-                                               output_size=num_tokens)  # [T]
-        positions = computed[seq_of_token] + torch.arange(num_tokens, device=self.device) - (ends - new)[seq_of_token]
-        tables = tables.view(num_seqs, width)
+        Every per-token and per-sequence value goes into one int64 host buffer, copied to the
+        device once per iteration (plain Python lists beat small tensor ops on the host)."""
+        input_ids, positions, slots, lora_idx, starts, context_lens, sample_rows = [], [], [], [], [0], [], []
         bs = self.block_size
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lora_idx += [seq.lora_slot] * num_new
+            starts.append(starts[-1] + num_new)
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [block for s in batch.seqs for block in s.block_table + [0] * (width - len(s.block_table))]
+        parts = (input_ids, positions, slots, lora_idx, sample_rows, tables, starts, context_lens)
+        buffer = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+        if self.device.type != "cpu":
+            buffer = buffer.pin_memory().to(self.device, non_blocking=True)
+        input_ids, positions, slots, lora_idx, sample_rows, tables, starts, context_lens = buffer.split(
+            [len(part) for part in parts])
         ctx = StepContext(
-            positions=positions,
-            slot_mapping=tables[seq_of_token, positions // bs] * bs + positions % bs,
-            block_tables=tables.to(torch.int32),
-            query_start_loc=torch.nn.functional.pad(ends, (1, 0)).to(torch.int32),
-            context_lens=(computed + new).to(torch.int32),
-            lora=LoRABatch(lora_slots[seq_of_token]) if any(s.lora_slot >= 0 for s in seqs) else None,
+            positions=positions,  # [T]
+            slot_mapping=slots,  # [T]
+            block_tables=tables.view(len(batch.seqs), width).to(torch.int32),  # [B, M]
+            query_start_loc=starts.to(torch.int32),  # [B + 1]
+            context_lens=context_lens.to(torch.int32),  # [B]
+            lora=LoRABatch(lora_idx) if any(s.lora_slot >= 0 for s in batch.seqs) else None,
         )
-        return input_ids, ctx, ends[due_seqs] - 1
+        return input_ids, ctx, sample_rows
 
     def execute(self, batch: ScheduledBatch, riders: Sequence[Rider] = ()) -> torch.Tensor:
         """One forward over the batch (fine-tuning ``riders`` fused in) -> logits [N, V] (fp32) for
