@@ -155,9 +155,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=["all", "throughput", "shared-prefix"], default="all")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens-per-batch", type=int, default=256)
-    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--system-tokens", type=int, default=512)
+    parser.add_argument("--system-tokens", type=int, default=384)
     parser.add_argument("--answer-tokens", type=int, default=16)
     args = parser.parse_args()
     path = RESULTS / "inference.json"  # a single workload updates its part of the results
