@@ -28,15 +28,16 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> 
 def _attend_decodes(q, k_cache, v_cache, block_tables, rows, seqs, ctx, scale, sliding_window):
     """One padded SDPA call for all single-token queries."""
     max_ctx = max(ctx[b] for b in seqs)
-    seq_idx = torch.tensor(seqs, device=q.device)
-    k = _gather(k_cache, block_tables[seq_idx], max_ctx).transpose(1, 2)  # [Bd, H_kv, L, D]
-    v = _gather(v_cache, block_tables[seq_idx], max_ctx).transpose(1, 2)
+    everyone = len(seqs) == len(ctx)  # a pure decode step: no selection to copy
+    tables = block_tables if everyone else block_tables[torch.tensor(seqs, device=q.device)]
+    k = _gather(k_cache, tables, max_ctx).transpose(1, 2)  # [Bd, H_kv, L, D]
+    v = _gather(v_cache, tables, max_ctx).transpose(1, 2)
     lens = torch.tensor([ctx[b] for b in seqs], device=q.device)
     keys = torch.arange(k.shape[2], device=q.device)[None, :]
     mask = keys < lens[:, None]  # [Bd, L]
     if sliding_window is not None:
         mask &= keys >= lens[:, None] - sliding_window
-    qd = q[torch.tensor(rows, device=q.device)].unsqueeze(2)  # [Bd, H_q, 1, D]
+    qd = (q if everyone else q[torch.tensor(rows, device=q.device)]).unsqueeze(2)  # [Bd, H_q, 1, D]
     out = F.scaled_dot_product_attention(
         qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
     )

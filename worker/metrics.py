@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexllm.worker import protocol
 from flexllm.worker.options import SLO
 from flexllm.worker.queue.connection import TRANSIENT_ERRORS
 from flexllm.worker.queue.jobs import JobQueue, list_jobs
+
+if TYPE_CHECKING:
+    from flexllm.worker.engine.block_manager import BlockManager
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class Metrics:
                               ["kind"], registry=r)
         self.engine_steps = Counter("flexllm_engine_steps", "Engine iterations that ran a batch", registry=r)
         self.running = Gauge("flexllm_running_requests", "Requests in this engine", registry=r)
+        self.prefix_cache = PrefixCacheCollector()
+        r.register(self.prefix_cache)
         self._window: deque[bool] = deque(maxlen=ATTAINMENT_WINDOW)
 
     def observe_request(self, ttft_s: float, tpot_s: float | None, e2e_s: float) -> None:
@@ -57,6 +63,22 @@ class Metrics:
         self.slo_requests.labels("met" if met else "missed").inc()
         self._window.append(met)
         self.slo_attainment.set(sum(self._window) / len(self._window))
+
+
+class PrefixCacheCollector(Collector):
+    """The engine's KV prefix-cache counters (``BlockManager``), read at scrape time once an engine is set."""
+
+    def __init__(self) -> None:
+        self.block_manager: BlockManager | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.block_manager is None:
+            return
+        queries = CounterMetricFamily("flexllm_prefix_cache_queries", "Prompt tokens looked up in the KV prefix cache")
+        queries.add_metric([], self.block_manager.query_tokens)
+        hits = CounterMetricFamily("flexllm_prefix_cache_hits", "Prompt tokens found in the KV prefix cache")
+        hits.add_metric([], self.block_manager.hit_tokens)
+        yield from (queries, hits)
 
 
 class RedisStateCollector(Collector):

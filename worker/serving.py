@@ -298,6 +298,7 @@ class EngineWorker:
         client = connect(opts.redis_url)
         with_backoff(client.ping, "engine loop start", opts.redis_url)
         engine = LLMEngine(self.engine_config)
+        self.metrics.prefix_cache.block_manager = engine.block_manager
         consumer = f"{opts.replica}-{os.getpid()}"
         adapters = AdapterSync(client, opts.service, opts.replica, engine)
         store = AdapterStore(opts.adapter_dir or tempfile.mkdtemp(prefix="flexllm-adapters-"))

@@ -103,7 +103,8 @@ def test_models_and_metrics(server, client):
     text = httpx.get(f"{server.base_url}/metrics").text
     for name in ("flexllm_time_to_first_token_seconds_bucket", "flexllm_time_per_output_token_seconds_bucket",
                  'flexllm_tokens_total{kind="generation"}', 'flexllm_queue_depth{queue="requests"}',
-                 "flexllm_slo_attainment", "flexllm_requests_total"):
+                 "flexllm_slo_attainment", "flexllm_requests_total", "flexllm_prefix_cache_queries_total",
+                 "flexllm_prefix_cache_hits_total"):
         assert name in text, name
     assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
 

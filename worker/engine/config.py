@@ -26,6 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_loras: int = 4
     max_lora_rank: int = 16
+    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes across requests
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_batch < 1 or self.max_num_seqs < 1 or self.block_size < 1:

@@ -62,7 +62,8 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or args.max_position_embeddings,
                                  args.max_position_embeddings)
         self.runner = ModelRunner(self.model, self.config, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
         self.lora_manager = LoRAManager(self.model, self.config.max_loras, self.config.max_lora_rank)
         self.scheduler = Scheduler(self.block_manager, self.lora_manager,
                                    self.config.max_tokens_per_batch, self.config.max_num_seqs)
@@ -186,8 +187,8 @@ class LLMEngine:
         """Finish ``seq`` with reason ``"error"``; its output carries the error and no new tokens."""
         log.warning("request %s failed: %s: %s", seq.request_id, type(error).__name__, error)
         if seq.block_table:  # its K/V may hold NaN/inf: attention weighs a reused block's stale slots by 0,
-            # and 0 * NaN is NaN, so they would reach whoever gets the blocks next
-            self.runner.kv_cache[:, :, seq.block_table] = 0  # [L, 2, its blocks, block_size, H_kv, D]
+            # and 0 * NaN is NaN, so they would reach whoever gets the blocks next (its shared blocks stay)
+            self.runner.kv_cache[:, :, self.block_manager.private_blocks(seq)] = 0  # [L, 2, blocks, bs, H_kv, D]
         self.scheduler.finish(seq, "error")
         self.requests.pop(seq.request_id, None)
         return RequestOutput(

@@ -7,6 +7,7 @@ max_lora_rank`` (smaller ranks are zero-padded). A request's tokens carry its sl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,16 +53,28 @@ class AdapterConfig:
         return cls(int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), targets, bool(raw.get("use_rslora", False)))
 
 
+def _content_digest(folder: Path, config: AdapterConfig) -> tuple[bytes, bytes]:
+    """-> (the adapter's weight file, a SHA-256 of that file and of ``config``): what it computes,
+    whatever its name."""
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    return data, hashlib.sha256(repr(config).encode() + data).digest()
+
+
 class LoRAManager:
-    """Registered adapters (name -> folder) and ``max_loras`` device slots with LRU eviction."""
+    """Registered adapters (name -> folder) and ``max_loras`` device slots with LRU eviction.
+
+    Each registration records the content digest of the adapter (``digest``), which keys the KV
+    prefix cache: KV computed under one adapter content is never reused under another, whatever
+    the names."""
 
     def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         # target -> its projection in each layer
         self.targets = {t: [model.projection(i, t) for i in range(model.args.num_layers)] for t in LORA_TARGETS}
-        self.registry: dict[str, tuple[Path, AdapterConfig]] = {}
+        self.registry: dict[str, tuple[Path, AdapterConfig, bytes]] = {}  # name -> folder, config, digest
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # loaded adapters, least recently used first
         self.pins = [0] * max_loras
+        self.slot_digests: list[bytes | None] = [None] * max_loras  # content digest of what each slot holds
         param = model.embed_tokens.weight
         for name, modules in self.targets.items():
             for module in modules:
@@ -79,7 +92,14 @@ class LoRAManager:
             raise ValueError(f"adapter {name!r} has rank {config.rank} > max_lora_rank {self.max_lora_rank}")
         if not (folder / "adapter_model.safetensors").exists():
             raise FileNotFoundError(f"{folder}: adapter_model.safetensors is missing")
-        self.registry[name] = (folder, config)
+        _, digest = _content_digest(folder, config)
+        slot = self.slot_of.get(name)
+        if slot is not None and self.slot_digests[slot] != digest:  # new content under a loaded name
+            if self.pins[slot]:
+                raise ValueError(f"adapter {name!r} is in use by running requests: its content cannot change "
+                                 f"until they finish")
+            del self.slot_of[name]
+        self.registry[name] = (folder, config, digest)
         return config
 
     def unregister(self, name: str) -> None:
@@ -91,6 +111,11 @@ class LoRAManager:
     def check(self, name: str) -> None:
         if name not in self.registry:
             raise UnknownAdapterError(f"adapter {name!r} is not loaded; known: {sorted(self.registry)}")
+
+    def digest(self, name: str) -> bytes:
+        """The content digest of the registered adapter ``name``."""
+        self.check(name)
+        return self.registry[name][2]
 
     def acquire(self, name: str) -> int | None:
         """Pin ``name`` into a slot (loading it, evicting the LRU unpinned one); None if all are pinned."""
@@ -121,10 +146,13 @@ class LoRAManager:
         return None
 
     def _load(self, name: str, slot: int) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        folder, config = self.registry[name]
-        weights = load_file(folder / "adapter_model.safetensors")
+        folder, config, registered = self.registry[name]
+        data, digest = _content_digest(folder, config)
+        if digest != registered:  # the KV cache is keyed by what was registered
+            raise ValueError(f"adapter {name!r}: {folder} changed since it was registered; register it again")
+        weights = load(data)
         for target, modules in self.targets.items():
             for module in modules:
                 module.lora_a[target][slot].zero_()
@@ -141,3 +169,4 @@ class LoRAManager:
                 module.lora_a[target][slot, :r].copy_(tensor)
             else:  # [out, r]
                 module.lora_b[target][slot, :, :r].copy_(tensor)
+        self.slot_digests[slot] = digest

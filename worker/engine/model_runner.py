@@ -52,36 +52,41 @@ class ModelRunner:
                  fit, self.config.max_num_seqs, max_model_len, useful, blocks)
         return blocks
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext, list[int]]:
-        """-> input_ids [T], the step context, and the flat rows whose logits are sampled."""
-        input_ids, positions, slots, starts, context_lens, lora_idx, sample_rows = [], [], [], [0], [], [], []
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
+        """-> input_ids [T], the step context, and the flat rows whose logits are sampled [N].
+
+        Every per-token and per-sequence value goes into one int64 host buffer, copied to the
+        device once per iteration (plain Python lists beat small tensor ops on the host)."""
+        input_ids, positions, slots, lora_idx, starts, context_lens, sample_rows = [], [], [], [], [0], [], []
+        bs = self.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table, bs = seq.block_table, self.block_size
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lora_idx += [seq.lora_slot] * num_new
             starts.append(starts[-1] + num_new)
             context_lens.append(end)
-            lora_idx.extend([seq.lora_slot] * num_new)
             if end == seq.num_tokens:
                 sample_rows.append(starts[-1] - 1)
         width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-
-        def tensor(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        lora = LoRABatch(tensor(lora_idx)) if any(i >= 0 for i in lora_idx) else None
+        tables = [block for s in batch.seqs for block in s.block_table + [0] * (width - len(s.block_table))]
+        parts = (input_ids, positions, slots, lora_idx, sample_rows, tables, starts, context_lens)
+        buffer = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+        if self.device.type != "cpu":
+            buffer = buffer.pin_memory().to(self.device, non_blocking=True)
+        input_ids, positions, slots, lora_idx, sample_rows, tables, starts, context_lens = buffer.split(
+            [len(part) for part in parts])
         ctx = StepContext(
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
-            block_tables=tensor(tables, torch.int32),
-            query_start_loc=tensor(starts, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            lora=lora,
+            positions=positions,  # [T]
+            slot_mapping=slots,  # [T]
+            block_tables=tables.view(len(batch.seqs), width).to(torch.int32),  # [B, M]
+            query_start_loc=starts.to(torch.int32),  # [B + 1]
+            context_lens=context_lens.to(torch.int32),  # [B]
+            lora=LoRABatch(lora_idx) if any(s.lora_slot >= 0 for s in batch.seqs) else None,
         )
-        return tensor(input_ids), ctx, sample_rows
+        return input_ids, ctx, sample_rows
 
     def execute(self, batch: ScheduledBatch, riders: Sequence[Rider] = ()) -> torch.Tensor:
         """One forward over the batch (fine-tuning ``riders`` fused in) -> logits [N, V] (fp32) for

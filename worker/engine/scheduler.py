@@ -2,8 +2,11 @@
 
 A sequence needs ``num_tokens - num_computed_tokens`` more tokens: 1 while decoding, a prompt
 (chunk) while prefilling. Each step fills ``token_budget`` with running decodes first, then running
-prefill chunks, then new requests (continuous batching). When KV blocks run out, the newest
-running sequence is preempted: its blocks are freed and it is recomputed later.
+prefill chunks, then new requests (continuous batching). A new request starts after the leading
+blocks of its prompt that the prefix cache holds (see ``BlockManager``); a fully cached prompt still
+computes its last token, whose logits are sampled. When KV blocks run out, the newest running
+sequence is preempted: its blocks are freed (its computed full blocks stay cached) and it is
+recomputed later, from what is still cached.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self.block_manager.cache_computed(seq)  # the blocks its last step completed
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, self.running[i:], batch):
                 break  # seq itself was preempted
@@ -67,8 +71,16 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+            try:
+                root = self.lora_manager.digest(seq.lora_name) if seq.lora_name is not None else b""
+            except Exception as error:  # its adapter is gone: this request fails alone
+                self.waiting.popleft()
+                batch.failed.append((seq, error))
+                continue
+            hits = self.block_manager.match_prefix(seq, root)
+            num_new = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
+            num_tokens = len(hits) * self.block_manager.block_size + num_new
+            if not self.block_manager.can_admit(hits, num_tokens):
                 break
             if seq.lora_name is not None:
                 try:
@@ -80,7 +92,7 @@ class Scheduler:
                 if slot is None:
                     break  # every adapter slot is in use by running requests
                 seq.lora_slot = slot
-            self.block_manager.allocate(seq, num_new)
+            self.block_manager.admit(seq, hits, num_tokens)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -109,8 +121,8 @@ class Scheduler:
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
 
-    def _release(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+    def _release(self, seq: Sequence, keep_cache: bool = True) -> None:
+        self.block_manager.free(seq, keep_cache)
         if seq.lora_slot >= 0:
             self.lora_manager.release(seq.lora_slot)
             seq.lora_slot = -1
@@ -121,6 +133,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._release(seq)
+        self._release(seq, keep_cache=reason != "error")  # a failed request's K/V may hold NaN/inf
         seq.status = Status.FINISHED
         seq.finish_reason = reason

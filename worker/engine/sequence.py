@@ -30,6 +30,8 @@ class Sequence:
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
+    prefix_hashes: list[bytes] = field(default_factory=list)  # see BlockManager._prefix_hashes
+    num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     lora_slot: int = -1
     finish_reason: str | None = None
     detokenizer: IncrementalDetokenizer | None = None  # its output text (set by the engine, which has the tokenizer)
