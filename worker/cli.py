@@ -77,6 +77,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of free memory for the KV cache")
     g.add_argument("--max-loras", type=int, default=EngineConfig.max_loras, help="adapters loaded at once")
     g.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help="largest adapter rank")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=EngineConfig.enable_prefix_caching,
+                   help="reuse the KV of prompt prefixes already computed (keyed by adapter content)")
 
 
 def _queue_args(p: argparse.ArgumentParser) -> None:
@@ -216,7 +219,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         max_tokens_per_batch=args.max_tokens_per_batch, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
-                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def _adapter_dir(args: argparse.Namespace) -> str:
