@@ -142,7 +142,7 @@ def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_lla
     machine), far below the preparation time that a build on the engine thread would stall it for."""
     big = tmp_path / "big.jsonl"
     big.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}? " * 3,
-                                       "completion": f" It is {2 * i}."}) + "\n" for i in range(6000)))
+                                       "completion": f" It is {2 * i}."}) + "\n" for i in range(20000)))
     service = unique_service()
     engine = LLMEngine(model=str(tiny_llama_dir), max_model_len=256, num_kv_blocks=64)
     coserve = CoServingEngine(engine, SLO(ttft_s=60, tpot_s=1.0))
@@ -160,7 +160,7 @@ def test_a_job_with_a_large_dataset_is_prepared_beside_a_running_stream(tiny_lla
 
     def preparing(tokens: int) -> bool | None:
         """Submit the job after 5 tokens; True while it is being prepared, None once it trains."""
-        if tokens >= 5 and not queue.progress("big"):
+        if tokens >= 5 and queue.progress("big").phase is None:
             queue.submit(JobSubmission("big", "default", spec))
         return None if "big" in coserve.jobs else "big" in jobs.builds
 
