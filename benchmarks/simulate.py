@@ -29,9 +29,9 @@ from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.latency import LatencyModel
-from flexllm.worker.coserve.policy import InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
-from flexllm.worker.engine.llm_engine import RiderPlan, inference_demand
+from flexllm.worker.engine.demand import InferenceDemand, inference_demand
+from flexllm.worker.engine.llm_engine import RiderPlan
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.engine.scheduler import ScheduledBatch, Scheduler

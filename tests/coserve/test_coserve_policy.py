@@ -5,7 +5,8 @@ import random
 import pytest
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
-from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand, WeightedShare
+from flexllm.worker.coserve.policy import SLO, HybridScheduler, WeightedShare
+from flexllm.worker.engine.demand import InferenceDemand
 
 SLO_50MS = SLO(ttft_s=2.0, tpot_s=0.050)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
-from flexllm.worker.coserve.policy import SLO, HybridScheduler, InferenceDemand, WeightedShare
+from flexllm.worker.coserve.policy import SLO, HybridScheduler, WeightedShare
+from flexllm.worker.engine.demand import InferenceDemand
 from flexllm.worker.engine.llm_engine import LLMEngine, RidersFailed
 from flexllm.worker.engine.outputs import RequestOutput
 from flexllm.worker.engine.sampling import SamplingParams

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
+from flexllm.worker.engine.demand import InferenceDemand
 from flexllm.worker.options import POLICIES, SLO
 
 
@@ -50,21 +51,6 @@ def measure_speed(engine) -> MachineSpeed:
     began = time.perf_counter()
     engine.generate([[token] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
     return MachineSpeed(prefill, (time.perf_counter() - began) / 33, n)
-
-
-@dataclass(frozen=True)
-class InferenceDemand:
-    """What inference wants this iteration."""
-
-    decodes: int = 0  # running sequences due one token each
-    decode_context_tokens: int = 0  # their summed context lengths
-    prefill_tokens: int = 0  # prompt tokens not yet computed, over all waiting/prefilling requests
-    min_ttft_slack_s: float = float("inf")  # least time left before a waiting request's TTFT deadline
-    min_tpot_slack_s: float = float("inf")  # least time left before a running request falls behind its TPOT pace
-
-    @property
-    def idle(self) -> bool:
-        return self.decodes == 0 and self.prefill_tokens == 0
 
 
 class HybridScheduler:

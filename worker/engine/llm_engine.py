@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from flexllm.worker.coserve.policy import InferenceDemand
 from flexllm.worker.engine.block_manager import BlockManager
 from flexllm.worker.engine.config import EngineConfig
+from flexllm.worker.engine.demand import InferenceDemand, inference_demand
 from flexllm.worker.engine.detokenizer import IncrementalDetokenizer, find_stop
 from flexllm.worker.engine.fused import Rider, run_rider
 from flexllm.worker.engine.loader import load_checkpoint, resolve_model, resolve_source
@@ -252,25 +252,6 @@ class LLMEngine:
                         final[out.request_id] = out
                         bar.update(1)
         return [final[rid] for rid in ids]
-
-
-def inference_demand(seqs: Iterable[Sequence], now: float, slo: SLO) -> InferenceDemand:
-    """What unfinished sequences want from the next iteration (``now`` on their arrival clock)."""
-    decodes = ctx = prefill = 0
-    ttft_slack = tpot_slack = float("inf")
-    for seq in seqs:
-        remaining = seq.num_tokens - seq.num_computed_tokens
-        if remaining == 1 and seq.num_output_tokens > 0:
-            decodes += 1
-            ctx += seq.num_tokens
-        else:
-            prefill += remaining
-        if seq.first_token_time is None:
-            ttft_slack = min(ttft_slack, seq.arrival_time + slo.ttft_s - now)
-        else:  # on pace while token k+1 is out by first_token_time + k * TPOT
-            pace = seq.first_token_time + slo.tpot_s * seq.num_output_tokens
-            tpot_slack = min(tpot_slack, pace - now)
-    return InferenceDemand(decodes, ctx, prefill, ttft_slack, tpot_slack)
 
 
 def _eos_ids(tokenizer, hf_config) -> set[int]:
