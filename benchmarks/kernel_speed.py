@@ -1,7 +1,7 @@
 """Kernel benchmark: each Triton kernel vs its torch reference (and SDPA for attention), Llama-3.1-8B shapes.
 
-    python benchmarks/kernels.py           # CUDA GPU: times every case, writes results/kernels.json
-    python benchmarks/kernels.py --smoke   # no GPU needed: tiny shapes through the Triton interpreter,
+    python benchmarks/kernel_speed.py           # CUDA GPU: times every case, writes results/kernels.json
+    python benchmarks/kernel_speed.py --smoke   # no GPU needed: tiny shapes through the Triton interpreter,
                                            # checks the outputs agree; no timings, nothing written
 
 Without a GPU (and without --smoke) it says so and exits 0: it never reports numbers it did not measure.
