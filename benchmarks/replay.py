@@ -63,6 +63,9 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
     return {"policy": co.scheduler.policy,
             "temporal_period": co.scheduler.temporal_period if co.scheduler.policy == "temporal" else None,
             "slo_attainment": co.slo_tracker.attainment, "requests": len(trace),
+            "ttft_missed": co.slo_tracker.ttft_missed, "tpot_missed": co.slo_tracker.tpot_missed,
+            "worst_ttft_vs_slo": max(co.slo_tracker.ttfts, default=0.0) / co.slo.ttft_s,
+            "worst_tpot_vs_slo": max(co.slo_tracker.tpots, default=0.0) / co.slo.tpot_s,
             "finetune_tokens_per_s": ft_tokens / duration_s, "inference_tokens_per_s": inf_tokens / duration_s,
             "idle_fraction": max(0.0, 1.0 - busy_s / duration_s), "timeline": timeline,
             "iterations": iterations}

@@ -87,6 +87,8 @@ def worker_args(name: str, namespace: str, spec: InferenceServiceSpec) -> list[s
         "--adapter-dir", ADAPTER_DIR,
         "--port", str(PORT),
         "--max-tokens-per-batch", str(engine.max_tokens_per_batch),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
         "--kv-cache-fraction", str(engine.kv_cache_fraction),
         "--max-loras", str(engine.max_loras),
         "--max-lora-rank", str(engine.max_lora_rank),

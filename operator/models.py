@@ -47,6 +47,8 @@ class Slo(SpecModel):
 
 class EngineLimits(SpecModel):
     max_tokens_per_batch: int = Field(default=EngineConfig.max_tokens_per_batch, ge=1)
+    max_num_seqs: int = Field(default=EngineConfig.max_num_seqs, ge=1)
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     kv_cache_fraction: float = Field(default=EngineConfig.kv_cache_fraction, gt=0, le=1)
     max_loras: int = Field(default=EngineConfig.max_loras, ge=1)
     max_lora_rank: int = Field(default=EngineConfig.max_lora_rank, ge=1)

@@ -95,6 +95,8 @@ class SLOTracker:
     slo: SLO
     met: int = 0
     missed: int = 0
+    ttft_missed: int = 0  # requests whose TTFT missed (their TPOT may have too)
+    tpot_missed: int = 0
     ttfts: list[float] = field(default_factory=list)
     tpots: list[float] = field(default_factory=list)
 
@@ -107,6 +109,8 @@ class SLOTracker:
         ok = self.slo.met(ttft, tpot)
         self.met += ok
         self.missed += not ok
+        self.ttft_missed += not self.slo.met(ttft, None)
+        self.tpot_missed += tpot is not None and tpot > self.slo.tpot_s
         return ok
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -188,7 +188,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.sliding_window = args.sliding_windows[layer]
-        self.head_dim = args.head_dim
+        self.head_dim, self.num_heads, self.num_kv_heads = args.head_dim, args.num_heads, args.num_kv_heads
+        self.kv_width = args.num_kv_heads * args.head_dim
         self.qkv_proj = LoRALinear(args, "qkv_proj", bias=args.qkv_bias)
         self.o_proj = LoRALinear(args, "o_proj")
         self.scale = args.head_dim**-0.5
@@ -197,9 +198,10 @@ class Attention(nn.Module):
 
     def steps(self, x: torch.Tensor, backend: LayerBackend) -> LayerSteps:
         T, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj.split((yield from self.qkv_proj.steps(x, backend)))
-        q = apply_rotary(q.view(T, -1, D), backend.cos, backend.sin)  # [T, H_q, D]
-        k = apply_rotary(k.view(T, -1, D), backend.cos, backend.sin)  # [T, H_kv, D]
+        qkv = yield from self.qkv_proj.steps(x, backend)  # [T, (H_q + 2 H_kv) * D]: q, k, v side by side
+        qk = apply_rotary(qkv[:, :-self.kv_width].view(T, -1, D), backend.cos, backend.sin)  # one rotation for q and k
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H_q, D], [T, H_kv, D]
+        v = qkv[:, -self.kv_width:]
         out = backend.attention(self, q, k, v.view(T, -1, D))
         return (yield from self.o_proj.steps(out.reshape(T, -1), backend))
 
@@ -244,6 +246,7 @@ class PagedBackend:
     ctx: StepContext
     cos: torch.Tensor  # [T, 1, D/2]
     sin: torch.Tensor
+    attention_plans: dict = field(default_factory=dict)  # the torch reference's per-step plans, by window
     add_norm = staticmethod(rms_norm)
     silu_mul = staticmethod(silu_and_mul)
 
@@ -262,7 +265,7 @@ class PagedBackend:
         attn.k_cache.view(-1, h_kv, d)[ctx.slot_mapping] = k
         attn.v_cache.view(-1, h_kv, d)[ctx.slot_mapping] = v
         return paged_attention(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.query_start_loc,
-                               ctx.context_lens, attn.scale, attn.sliding_window)
+                               ctx.context_lens, attn.scale, attn.sliding_window, self.attention_plans)
 
 
 class CausalLM(nn.Module):
