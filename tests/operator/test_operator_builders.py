@@ -161,3 +161,14 @@ def test_hf_model_and_adapter_uris_reach_the_worker_with_the_token_from_its_secr
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert (env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] if expected else env.get("HF_TOKEN")) == expected
     assert OperatorConfig.from_env({"FLEXLLM_HF_TOKEN_SECRET": "s"}) == OperatorConfig(hf_token_secret="s")
+
+
+def test_worker_args_carry_concurrency_and_prefix_caching():
+    args = builders.worker_args("m", "ns", spec())
+    assert flag(args, "--max-num-seqs") == "64" and "--enable-prefix-caching" in args
+    off = builders.worker_args("m", "ns", spec(engine={"maxNumSeqs": 8, "enablePrefixCaching": False}))
+    assert flag(off, "--max-num-seqs") == "8" and "--no-enable-prefix-caching" in off
+    from flexllm.worker.cli import build_parser
+
+    parsed = build_parser().parse_args(off)  # the worker's own parser takes every flag the operator writes
+    assert parsed.max_num_seqs == 8 and parsed.enable_prefix_caching is False
