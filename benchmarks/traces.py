@@ -3,8 +3,8 @@
 - ``azure``: the Azure LLM inference trace 2023, conversation service (the trace FlexLLM itself
   replays): Microsoft, `Azure/AzurePublicDataset`, file `data/AzureLLMInferenceTrace_conv.csv`
   (columns TIMESTAMP, ContextTokens, GeneratedTokens; 19,366 requests over 58 minutes, 5.5 req/s),
-  licensed CC-BY 4.0. It is not vendored in this repository: put the CSV at one of ``AZURE_PATHS``
-  (or name it with ``FLEXLLM_AZURE_TRACE``). As in the paper, its inter-arrival times are rescaled to
+  licensed CC-BY 4.0, committed unchanged as ``benchmarks/azure_trace/`` with its attribution
+  (``FLEXLLM_AZURE_TRACE`` names another copy). As in the paper, its inter-arrival times are rescaled to
   each target rate, from a window of the trace that arrives at its mean rate (``typical_window``;
   another seed: a random start); prompt and output lengths are multiplied by one ``length_scale`` (1.0 for a GPU
   model; the CPU benchmark uses ``CPU_LENGTH_SCALE`` so a 135M model on 2 cores sees the trace's
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE_FILE = "AzureLLMInferenceTrace_conv.csv"
-AZURE_PATHS = (ROOT / "benchmarks" / "data" / AZURE_FILE, ROOT.parent / "shared" / "traces" / AZURE_FILE)
+AZURE_PATHS = (ROOT / "benchmarks" / "azure_trace" / AZURE_FILE,)
 CPU_LENGTH_SCALE = 1 / 16  # Azure conv: median prompt 1020 -> 64 tokens, median output 129 -> 8 tokens
 TRACES = ("azure", "poisson", "bursty")
 
