@@ -44,6 +44,19 @@ def test_rescaling_keeps_the_traces_gaps_in_proportion_at_the_target_rate(bench)
     assert [a.prompt_tokens for a in wrapped[10:13]] == [r.prompt_tokens for r in recorded[:3]]
 
 
+def test_the_committed_azure_trace_is_the_published_file(bench):
+    import hashlib
+
+    _, _, traces = bench
+    path = traces.azure_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (
+        "2f1e5b666d4e3055fdbba98598ce2ec307767b9064e03e2fa46676dbcc7d0bf8")  # benchmarks/azure_trace/README.md
+    recorded = traces.load_azure(path)
+    assert len(recorded) == 19366 and 3400 < recorded[-1].time_s < 3600
+    trace = traces.make_trace("azure", 0.5, 120.0, seed=0)
+    assert 40 <= len(trace) <= 80 and all(a.prompt_tokens >= 1 and a.output_tokens >= 1 for a in trace)
+
+
 def test_measured_cost_fit_recovers_known_per_term_costs(bench):
     _, costmodel, _ = bench
     true = dict(zip(("intercept", *costmodel.MEASURED_TERMS), (0.010, 2e-4, 1e-3, 1e-6, 3e-4, 7e-4, 0.004, 0.020)))
