@@ -225,10 +225,11 @@ def load_run(name: str) -> tuple[dict, list[dict[str, float]]]:
                   for run in measured["runs"] for it in run["iterations"]]
 
 
-def validate(fit_on: str, check: list[str]) -> dict:
+def validate(fit_on: str, check: list[str], seeds: int = 3) -> dict:
     """Fit the measured cost model on every iteration of the real run ``fit_on``, re-run each system,
     trace and rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency
-    model), and compare: fine-tuning tokens/s (relative error) and SLO attainment (absolute error)."""
+    model; the mean over ``seeds`` draws of the measured noise), and compare: fine-tuning tokens/s
+    (relative error) and SLO attainment (absolute error)."""
     records = load_run(fit_on)[1]
     cost = MeasuredCost.fit(records)
     job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
@@ -246,11 +247,15 @@ def validate(fit_on: str, check: list[str]) -> dict:
         for row in checks:
             trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
                                                                  setup["seed"], setup["length_scale"])
-            latency = LatencyModel()
-            latency.coef = list(real["latency_model"])  # the run's start-up profile
-            sim = simulate(cost, slo, row["policy"], trace, row["duration_s"], config, setup["max_finetune_tokens"],
-                           row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"], latency=latency,
-                           job_shape=job)
+            sims = []
+            for seed in range(seeds):
+                latency = LatencyModel()
+                latency.coef = list(real["latency_model"])  # the run's start-up profile
+                sims.append(simulate(MeasuredCost(cost.coef, cost.noise, seed), slo, row["policy"], trace,
+                                     row["duration_s"], config, setup["max_finetune_tokens"],
+                                     row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"],
+                                     latency=latency, job_shape=job))
+            sim = {key: sum(s[key] for s in sims) / seeds for key in ("finetune_tokens_per_s", "slo_attainment")}
             real_ft = row["finetune_tokens_per_s"]
             rows.append({"run": name, "trace": row["trace"], "rate": row["rate"], "policy": row["policy"],
                          "temporal_period": row["temporal_period"], "real_ft": real_ft,
