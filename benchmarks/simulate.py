@@ -226,16 +226,18 @@ def load_run(name: str) -> tuple[dict, list[dict[str, float]]]:
 
 
 def validate(fit_on: str, check: list[str], seeds: int = 3) -> dict:
-    """Fit the measured cost model on every iteration of the real run ``fit_on``, re-run each system,
-    trace and rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency
-    model; the mean over ``seeds`` draws of the measured noise), and compare: fine-tuning tokens/s
-    (relative error) and SLO attainment (absolute error)."""
-    records = load_run(fit_on)[1]
-    cost = MeasuredCost.fit(records)
-    job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
-    rows = []
+    """Fit the measured cost model on every iteration of the real run ``fit_on`` (``each``: of the run
+    being checked, since a machine's speed differs from day to day), re-run each system, trace and
+    rate of the runs ``check`` in simulation (each from its own SLOs and start-up latency model; the
+    mean over ``seeds`` draws of the measured noise), and compare: fine-tuning tokens/s (relative
+    error) and SLO attainment (absolute error)."""
+    rows, models = [], {}
     for name in check:
-        real = load_run(name)[0]
+        real, records = load_run(name)
+        records = records if fit_on == "each" else load_run(fit_on)[1]
+        cost = MeasuredCost.fit(records)
+        job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
+        models[name] = {"cost_model": cost.coef, "job_shape": job.__dict__}
         setup, slo = real["setup"], SLO(**real["slo"])
         config = SimConfig(setup["max_tokens_per_batch"], setup["max_num_seqs"], setup["num_kv_blocks"],
                            setup["block_size"])
@@ -264,7 +266,7 @@ def validate(fit_on: str, check: list[str], seeds: int = 3) -> dict:
                          "real_slo": row["slo_attainment"], "sim_slo": sim["slo_attainment"],
                          "slo_error": abs(sim["slo_attainment"] - row["slo_attainment"])})
     ft_errors = [r["ft_error"] for r in rows if r["ft_error"] is not None]
-    return {"fitted_on": fit_on, "checked": check, "cost_model": cost.coef, "job_shape": job.__dict__,
+    return {"fitted_on": fit_on, "checked": check, "models": models,
             "validation_max_ft_error": max(ft_errors, default=None),
             "validation_max_slo_error": max((r["slo_error"] for r in rows), default=None), "rows": rows}
 
@@ -476,7 +478,8 @@ def geomean(values: list[float]) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "project", "fleet", "all"])
-    parser.add_argument("--fit", default="coserve", help="the coserve.py run (--name) the cost model is fitted on")
+    parser.add_argument("--fit", default="each",
+                        help="the coserve.py run (--name) the cost model is fitted on; each: every checked run's own")
     parser.add_argument("--check", default="coserve,coserve_run2",
                         help="coserve.py runs (--name) to predict; those present are checked")
     parser.add_argument("--rates", default="2,5,10,20,30,40,60",
