@@ -30,7 +30,6 @@ class AttentionPlan:
     chunks        (start, end, slots [K], mask [n, K] additive, or None: plain causal)
     """
 
-    num_tokens: int
     decode_rows: torch.Tensor | None
     decode_slots: torch.Tensor | None
     decode_mask: torch.Tensor | None
@@ -81,7 +80,7 @@ def plan_attention(block_tables: torch.Tensor, query_start_loc: torch.Tensor, co
                 visible &= keys[None, :] > positions - sliding_window
             chunk_mask = _additive(visible, dtype)
         chunks.append((s, e, _slots(block_tables[b], keys, block_size), chunk_mask))
-    return AttentionPlan(starts[-1], rows, slots, mask, tuple(chunks))
+    return AttentionPlan(rows, slots, mask, tuple(chunks))
 
 
 def attend(plan: AttentionPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -140,8 +139,7 @@ def paged_attention(
         from flexllm.kernels.triton_ops.paged_attention import paged_attention_triton
 
         return paged_attention_triton(*args)
-    if plans is None:
-        return paged_attention_reference(*args)
+    plans = {} if plans is None else plans
     if sliding_window not in plans:
         plans[sliding_window] = plan_attention(block_tables, query_start_loc, context_lens, k_cache.shape[1],
                                                sliding_window, q.dtype)
