@@ -110,7 +110,7 @@ class SLOTracker:
         self.met += ok
         self.missed += not ok
         self.ttft_missed += not self.slo.met(ttft, None)
-        self.tpot_missed += tpot is not None and tpot > self.slo.tpot_s
+        self.tpot_missed += not self.slo.met(0.0, tpot)
         return ok
 
     @property

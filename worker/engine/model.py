@@ -201,8 +201,8 @@ class Attention(nn.Module):
         qkv = yield from self.qkv_proj.steps(x, backend)  # [T, (H_q + 2 H_kv) * D]: q, k, v side by side
         qk = apply_rotary(qkv[:, :-self.kv_width].view(T, -1, D), backend.cos, backend.sin)  # one rotation for q and k
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H_q, D], [T, H_kv, D]
-        v = qkv[:, -self.kv_width:]
-        out = backend.attention(self, q, k, v.view(T, -1, D))
+        v = qkv[:, -self.kv_width:].view(T, -1, D)  # [T, H_kv, D]
+        out = backend.attention(self, q, k, v)
         return (yield from self.o_proj.steps(out.reshape(T, -1), backend))
 
 
