@@ -6,7 +6,9 @@ import pytest
 
 from flexllm.worker.coserve.latency import IterationShape, LatencyModel
 from flexllm.worker.coserve.policy import SLO, HybridScheduler, WeightedShare
-from flexllm.worker.engine.demand import InferenceDemand
+from flexllm.worker.engine.demand import InferenceDemand, inference_demand
+from flexllm.worker.engine.sampling import SamplingParams
+from flexllm.worker.engine.sequence import Sequence
 
 SLO_50MS = SLO(ttft_s=2.0, tpot_s=0.050)
 
@@ -87,6 +89,39 @@ def test_ttft_at_risk_outranks_one_tpot_by_just_enough():
     # the deadline is this iteration: all of it, up to the batch limit
     demand = InferenceDemand(**on_pace, min_ttft_slack_s=0.01)
     assert sched.inference_budget(demand, has_finetune=True) == 256
+
+
+def test_the_pace_tightens_after_a_near_miss_and_relaxes_slowly():
+    sched = scheduler()
+    assert sched.pacing_slo == SLO(ttft_s=2.0 * 0.9, tpot_s=0.050 * 0.9)
+    sched.observe_request(ttft_s=0.1, tpot_s=0.049)  # 0.98x of the TPOT: a near miss
+    assert sched.pace == pytest.approx(0.8)
+    sched.observe_request(ttft_s=1.95, tpot_s=None)  # a one-token output near its TTFT counts too
+    assert sched.pace == pytest.approx(0.7)
+    for _ in range(10):
+        sched.observe_request(ttft_s=0.1, tpot_s=0.2)  # missed outright
+    assert sched.pace == pytest.approx(0.5)  # never below min_pace
+    sched.observe_request(ttft_s=0.1, tpot_s=0.040)  # 0.8x: well within, a tenth of a step back
+    assert sched.pace == pytest.approx(0.51)
+    for _ in range(100):
+        sched.observe_request(ttft_s=0.1, tpot_s=0.040)
+    assert sched.pace == pytest.approx(0.9)  # never past where it started
+
+
+def test_a_tighter_pace_lends_fine_tuning_less_of_a_requests_slack():
+    """Slack is measured against the pacing SLO: after near misses the same request lends less."""
+    seq = Sequence("r", [1] * 9, SamplingParams(max_tokens=50), num_prompt_tokens=5, num_computed_tokens=8,
+                   arrival_time=0.0)
+    seq.first_token_time = 1.0  # 4 tokens out by t=1.05: 0.15 s ahead of the SLO's pace (1 + 4 * 0.05)
+    shape = IterationShape(inference_tokens=1, decode_context_tokens=9)
+    budgets = []
+    for near_misses in (0, 2):
+        sched = scheduler(latency(c_fwd=0.001))
+        for _ in range(near_misses):
+            sched.observe_request(ttft_s=0.1, tpot_s=0.05)
+        sched.inference_budget(inference_demand([seq], 1.05, sched.pacing_slo), has_finetune=True)
+        budgets.append(sched.finetune_budget(shape, "finetune_forward_tokens", idle=False))
+    assert budgets[0] > budgets[1] > 0
 
 
 def test_finetuning_falls_to_zero_under_a_spike_and_takes_everything_when_idle():

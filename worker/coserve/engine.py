@@ -100,7 +100,8 @@ class SLOTracker:
     ttfts: list[float] = field(default_factory=list)
     tpots: list[float] = field(default_factory=list)
 
-    def record(self, out: RequestOutput, finished_at: float) -> bool:
+    def record(self, out: RequestOutput, finished_at: float) -> tuple[float, float | None]:
+        """Count a finished request; returns its TTFT and TPOT (None for a one-token output)."""
         ttft = (out.first_token_time or finished_at) - out.arrival_time
         tpot = (finished_at - out.first_token_time) / (len(out.token_ids) - 1) if len(out.token_ids) > 1 else None
         self.ttfts.append(ttft)
@@ -111,7 +112,7 @@ class SLOTracker:
         self.missed += not ok
         self.ttft_missed += not self.slo.met(ttft, None)
         self.tpot_missed += not self.slo.met(0.0, tpot)
-        return ok
+        return ttft, tpot
 
     @property
     def attainment(self) -> float:
@@ -169,7 +170,7 @@ class CoServingEngine:
 
     def step(self) -> IterationResult:
         began = self.clock()
-        demand = self.engine.demand(began, self.slo)
+        demand = self.engine.demand(began, self.scheduler.pacing_slo)
         active = self.active_jobs()
         budget = self.scheduler.inference_budget(demand, has_finetune=bool(active))
         plan = FinetunePlan()
@@ -193,7 +194,7 @@ class CoServingEngine:
             self.latency.observe(shape, seconds)
         for out in outputs:
             if out.finished:
-                self.slo_tracker.record(out, now)
+                self.scheduler.observe_request(*self.slo_tracker.record(out, now))
         return IterationResult(outputs, finetune, shape, seconds, plan.budget)
 
     def _plan_riders(self, plan: FinetunePlan, demand: InferenceDemand, active: dict[str, Job],
