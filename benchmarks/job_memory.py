@@ -8,7 +8,10 @@ rest). Computed for the GPU models of the simulator from the same parts (bf16 we
 fp32 with AdamW: weights, gradients and two moments; activations at the measured bytes per token of
 ``memory.json``). ``coserved_job_memory_vs_separate`` = (coserved - serving) / separate.
 
-    python benchmarks/job_memory.py   # writes results/job_memory.json; memory.py adds it to memory.json
+    python benchmarks/job_memory.py   # writes results/job_memory.json and adds its keys to memory.json
+
+(``memory.py`` runs it too, after measuring the bytes per token it starts from; alone it takes those
+from the ``memory.json`` already there.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import write_json
+from common import RESULTS, machine, write_json
 from costmodel import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +109,23 @@ def job_memory(flexllm_kib_per_token: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["serving", "coserved", "separate"])
-    parser.add_argument("--kib-per-token", type=float, default=71.0, help="FlexLLM's activations (memory.json)")
+    parser.add_argument("--kib-per-token", type=float,
+                        help="FlexLLM's activation KiB per token (default: memory.json's flexllm_bytes_per_token)")
     args = parser.parse_args()
     if args.case:
         print(run_case(args.case))
         return
-    result = job_memory(args.kib_per_token)
+    memory_json = RESULTS / "memory.json"
+    memory = json.loads(memory_json.read_text()) if memory_json.exists() else None
+    if args.kib_per_token is None and memory is None:
+        parser.error(f"no {memory_json}: run benchmarks/memory.py, or pass --kib-per-token")
+    result = job_memory(args.kib_per_token or memory["flexllm_bytes_per_token"] / 1024)
     print(json.dumps(result, indent=2))
     print(f"wrote {write_json('job_memory', result)}")
+    if args.kib_per_token is None:  # computed from memory.json's own figure: it belongs there
+        memory.update(result, job_memory_machine=machine())
+        memory_json.write_text(json.dumps(memory, indent=2) + "\n")
+        print(f"added coserved_job_memory_vs_separate to {memory_json}")
 
 
 if __name__ == "__main__":

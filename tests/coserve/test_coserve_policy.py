@@ -19,9 +19,9 @@ def latency(c0=0.010, c_tok=0.0001, c_ctx=0.0, c_fwd=0.0001, c_bwd=0.0002, c_uni
     return model
 
 
-def scheduler(model=None, policy="coserve", **kw) -> HybridScheduler:
-    return HybridScheduler(SLO_50MS, model or latency(), max_tokens_per_batch=256, max_finetune_tokens=512,
-                           policy=policy, **kw)
+def scheduler(model=None, policy="coserve", max_finetune_tokens=512, **kw) -> HybridScheduler:
+    return HybridScheduler(SLO_50MS, model or latency(), max_tokens_per_batch=256,
+                           max_finetune_tokens=max_finetune_tokens, policy=policy, **kw)
 
 
 def test_budgets_never_exceed_limits_and_decodes_are_never_starved():
@@ -55,7 +55,7 @@ def test_a_units_fixed_cost_comes_off_the_leftover_a_fused_forward_chunk_pays_th
     kind = "finetune_backward_tokens"
     free = scheduler(latency()).finetune_budget(shape, kind, idle=False)
     model = latency(c_unit=0.020)
-    priced = scheduler(model).finetune_budget(shape, kind, idle=False)
+    priced = scheduler(model, max_finetune_tokens=48).finetune_budget(shape, kind, idle=False)
     assert priced == int((SLO_50MS.tpot_s * 0.85 - model.predict(shape) - 0.020) / model.coef[4]) < free
     assert scheduler(latency(c_unit=0.040)).finetune_budget(shape, kind, idle=False) == 0
     forward = scheduler(latency(c_unit=0.040)).finetune_budget(shape, "finetune_forward_tokens", idle=False)
@@ -66,6 +66,27 @@ def test_a_units_fixed_cost_comes_off_the_leftover_a_fused_forward_chunk_pays_th
     # the rider's cost is learnt from iterations where a forward chunk rode along (and only those)
     assert IterationShape(40, 0, 16).finetune_riders == 1
     assert IterationShape(40, 0, 16, 0, 1).finetune_riders == IterationShape(0, 0, 16, 0, 1).finetune_riders == 0
+
+
+def test_a_busy_iteration_gets_only_fine_tuning_that_trains_as_fast_as_a_full_unit_alone():
+    """Lent time comes off the idle time later, where a unit runs full size: a few backward tokens that
+    pay a whole pass of their own are not worth lending; a full unit is, once a request's slack pays for it."""
+    model = latency(c_unit=0.020)  # a backward unit's own pass: 20 ms
+    sched = scheduler(model)
+    shape = IterationShape(inference_tokens=40)
+    # 42 tokens fit the on-pace target (42 in 28.4 ms), a full unit alone trains 512 in 132 ms: none lent
+    assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == 0
+    assert scheduler(model, max_finetune_tokens=48).finetune_budget(shape, "finetune_backward_tokens",
+                                                                   idle=False) == 42  # smaller units: worth it
+    saved = InferenceDemand(decodes=40, min_tpot_slack_s=1.0)  # a target of 4 TPOTs: a full unit fits
+    sched.inference_budget(saved, has_finetune=True)
+    assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == 512
+    assert sched.finetune_budget(IterationShape(), "finetune_backward_tokens", idle=True) == 512
+    # near saturation there is no idle time for lending to take from: the few tokens are worth it
+    sched = scheduler(model)
+    sched.observe_iteration(120.0, idle=False)  # two minutes without an idle iteration
+    assert sched.idle_share < 0.01
+    assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == 42
 
 
 def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():

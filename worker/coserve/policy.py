@@ -70,12 +70,16 @@ class HybridScheduler:
     that came within ``near_miss`` of an SLO takes ``pace_step`` off it (down to ``min_pace``), each
     other one gives back a tenth of a step (up to the initial ``pace``). Spending slack to the very
     SLO ended requests at 0.96-0.98x of their TPOT on this machine whenever fine-tuning was hungry, and
-    9 in 40 past it at the serial rate on a slower day, while inference alone kept 0.81x."""
+    9 in 40 past it at the serial rate on a slower day, while inference alone kept 0.81x.
+
+    ``idle_horizon_s``: the time constant of ``idle_share``, the share of recent time inference left
+    idle (``observe_iteration``), which prices what lending to a busy iteration costs later."""
 
     def __init__(self, slo: SLO, latency: LatencyModel, max_tokens_per_batch: int, max_finetune_tokens: int,
                  policy: str = "coserve", temporal_period: int = 4, margin: float = 0.85,
                  max_target_tpots: float = 4.0, slack_margin: float = 0.75, pace: float = 0.9,
-                 min_pace: float = 0.5, pace_step: float = 0.1, near_miss: float = 0.95):
+                 min_pace: float = 0.5, pace_step: float = 0.1, near_miss: float = 0.95,
+                 idle_horizon_s: float = 30.0):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.slo, self.latency, self.policy = slo, latency, policy
@@ -84,6 +88,7 @@ class HybridScheduler:
         self.slack_margin = slack_margin
         self.pace = self.max_pace = pace
         self.min_pace, self.pace_step, self.near_miss = min_pace, pace_step, near_miss
+        self.idle_share, self.idle_horizon_s = 0.5, idle_horizon_s  # of recent time inference left idle
         self.iteration = 0
         self.current_target_s = self.target_s
 
@@ -157,7 +162,27 @@ class HybridScheduler:
         # ride) has a fixed cost; so has a forward chunk fused into the inference forward, a smaller one
         own_pass = kind == "finetune_backward_tokens" or scheduled.inference_tokens == 0
         unit_s = self.latency.coef[1 + FEATURES.index("finetune_units" if own_pass else "finetune_riders")]
-        return self.latency.max_extra_tokens(scheduled, target, kind, cap, fixed_s=unit_s)
+        tokens = self.latency.max_extra_tokens(scheduled, target, kind, cap, fixed_s=unit_s)
+        if scheduled.inference_tokens and not self._trains_as_fast_as_alone(tokens, kind, unit_s):
+            return 0
+        return tokens
+
+    def observe_iteration(self, seconds: float, idle: bool) -> None:
+        """An iteration took ``seconds``; ``idle``: inference had nothing for it (fine-tuning ran alone)."""
+        keep = math.exp(-seconds / self.idle_horizon_s)
+        self.idle_share = keep * self.idle_share + (1 - keep) * float(idle)
+
+    def _trains_as_fast_as_alone(self, tokens: int, kind: str, unit_s: float) -> bool:
+        """Whether ``tokens`` of ``kind`` lent to a busy iteration (at ``unit_s`` fixed cost) train at least
+        ``idle_share`` of what a full unit trains per second in an iteration of its own. Time lent to a
+        busy iteration delays inference by as much, and so comes off the idle time later (as much of it as
+        there is), where fine-tuning runs full units: lending below that rate trains less in all. On 2 CPU
+        cores a backward unit of a few tokens next to a decode costs a whole pass of its own; on a GPU's
+        memory-bound decode riders cost little, and near saturation there is no idle time to lose."""
+        per_token = self.latency.coef[1 + FEATURES.index(kind)]
+        full = self.max_finetune_tokens
+        alone_s = self.latency.coef[0] + self.latency.coef[1 + FEATURES.index("finetune_units")] + full * per_token
+        return tokens * alone_s >= self.idle_share * full * (unit_s + tokens * per_token)
 
 
 class WeightedShare:
