@@ -84,9 +84,16 @@ def test_a_busy_iteration_gets_only_fine_tuning_that_trains_as_fast_as_a_full_un
     assert sched.finetune_budget(IterationShape(), "finetune_backward_tokens", idle=True) == 512
     # near saturation there is no idle time for lending to take from: the few tokens are worth it
     sched = scheduler(model)
-    sched.observe_iteration(120.0, idle=False)  # two minutes without an idle iteration
+    busy = IterationShape(inference_tokens=1000)  # 110 ms of inference
+    for _ in range(2000):  # a few minutes where inference needed every moment: none of it idle
+        sched.observe_iteration(model.predict(busy), busy)
     assert sched.idle_share < 0.01
     assert sched.finetune_budget(shape, "finetune_backward_tokens", idle=False) == 42
+    for _ in range(2000):  # the same inference work in iterations lengthened 4x by lending: 3/4 idle
+        sched.observe_iteration(4 * model.predict(busy), busy)
+    assert sched.idle_share == pytest.approx(0.75, abs=0.01)
+    sched.observe_iteration(60.0, IterationShape())  # fine-tuning alone for a minute: idle
+    assert sched.idle_share > 0.95
 
 
 def test_budget_shrinks_when_the_latency_model_says_tpot_would_be_missed():

@@ -192,7 +192,7 @@ class CoServingEngine:
         seconds = now - began
         if shape != IterationShape():
             self.latency.observe(shape, seconds)
-            self.scheduler.observe_iteration(seconds, idle=demand.idle)
+            self.scheduler.observe_iteration(seconds, plan.shape)
         for out in outputs:
             if out.finished:
                 self.scheduler.observe_request(*self.slo_tracker.record(out, now))

@@ -72,8 +72,8 @@ class HybridScheduler:
     SLO ended requests at 0.96-0.98x of their TPOT on this machine whenever fine-tuning was hungry, and
     9 in 40 past it at the serial rate on a slower day, while inference alone kept 0.81x.
 
-    ``idle_horizon_s``: the time constant of ``idle_share``, the share of recent time inference left
-    idle (``observe_iteration``), which prices what lending to a busy iteration costs later."""
+    ``idle_horizon_s``: the time constant of ``idle_share``, the share of recent time inference did not
+    need (``observe_iteration``), which prices what lending to a busy iteration costs later."""
 
     def __init__(self, slo: SLO, latency: LatencyModel, max_tokens_per_batch: int, max_finetune_tokens: int,
                  policy: str = "coserve", temporal_period: int = 4, margin: float = 0.85,
@@ -88,7 +88,7 @@ class HybridScheduler:
         self.slack_margin = slack_margin
         self.pace = self.max_pace = pace
         self.min_pace, self.pace_step, self.near_miss = min_pace, pace_step, near_miss
-        self.idle_share, self.idle_horizon_s = 0.5, idle_horizon_s  # of recent time inference left idle
+        self.idle_share, self.idle_horizon_s = 0.5, idle_horizon_s  # of recent time inference did not need
         self.iteration = 0
         self.current_target_s = self.target_s
 
@@ -167,10 +167,15 @@ class HybridScheduler:
             return 0
         return tokens
 
-    def observe_iteration(self, seconds: float, idle: bool) -> None:
-        """An iteration took ``seconds``; ``idle``: inference had nothing for it (fine-tuning ran alone)."""
+    def observe_iteration(self, seconds: float, inference: IterationShape) -> None:
+        """An iteration with ``inference`` work took ``seconds``. Inference's share of the time is what its
+        work alone would have taken (the latency model's price) over the time that passed: lending makes
+        iterations longer, not inference's work larger, so the share does not fall as lending grows."""
+        if seconds <= 0:
+            return
+        needed = self.latency.predict(inference) if inference.inference_tokens else 0.0
         keep = math.exp(-seconds / self.idle_horizon_s)
-        self.idle_share = keep * self.idle_share + (1 - keep) * float(idle)
+        self.idle_share = keep * self.idle_share + (1 - keep) * max(0.0, 1.0 - needed / seconds)
 
     def _trains_as_fast_as_alone(self, tokens: int, kind: str, unit_s: float) -> bool:
         """Whether ``tokens`` of ``kind`` lent to a busy iteration (at ``unit_s`` fixed cost) train at least
