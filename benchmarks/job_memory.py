@@ -119,10 +119,12 @@ def main() -> None:
     memory = json.loads(memory_json.read_text()) if memory_json.exists() else None
     if args.kib_per_token is None and memory is None:
         parser.error(f"no {memory_json}: run benchmarks/memory.py, or pass --kib-per-token")
-    result = job_memory(args.kib_per_token or memory["flexllm_bytes_per_token"] / 1024)
+    from_memory_json = args.kib_per_token is None
+    kib_per_token = memory["flexllm_bytes_per_token"] / 1024 if from_memory_json else args.kib_per_token
+    result = job_memory(kib_per_token)
     print(json.dumps(result, indent=2))
     print(f"wrote {write_json('job_memory', result)}")
-    if args.kib_per_token is None:  # computed from memory.json's own figure: it belongs there
+    if from_memory_json:  # computed from memory.json's own figure: it belongs there
         memory.update(result, job_memory_machine=machine())
         memory_json.write_text(json.dumps(memory, indent=2) + "\n")
         print(f"added coserved_job_memory_vs_separate to {memory_json}")

@@ -232,9 +232,10 @@ def validate(fit_on: str, check: list[str], seeds: int = 3) -> dict:
     mean over ``seeds`` draws of the measured noise), and compare: fine-tuning tokens/s (relative
     error) and SLO attainment (absolute error)."""
     rows, models = [], {}
+    fit_records = None if fit_on == "each" else load_run(fit_on)[1]
     for name in check:
         real, records = load_run(name)
-        records = records if fit_on == "each" else load_run(fit_on)[1]
+        records = records if fit_records is None else fit_records
         cost = MeasuredCost.fit(records)
         job = JobShape.measured([r for r in records if r["policy"] == "finetune-only"])
         models[name] = {"cost_model": cost.coef, "job_shape": job.__dict__}

@@ -56,6 +56,10 @@ class LatencyModel:
         self.coef = [0.0, 1e-3, 0.0, 1e-3, 2e-3, 0.0, 0.0]  # seconds; replaced by the first fit
         self._since_fit = 0
 
+    def seconds_per(self, feature: str) -> float:
+        """The fitted seconds per unit of ``feature`` (a FEATURES name; "intercept" for the fixed part)."""
+        return self.coef[0 if feature == "intercept" else 1 + FEATURES.index(feature)]
+
     def predict(self, shape: IterationShape) -> float:
         return sum(c * x for c, x in zip(self.coef, shape.vector()))
 
@@ -87,7 +91,7 @@ class LatencyModel:
                          fixed_s: float = 0.0) -> int:
         """Most tokens of ``kind`` (a FEATURES name) that fit on top of ``base`` (plus ``fixed_s``)
         within ``within_s``."""
-        per_token = self.coef[1 + FEATURES.index(kind)]
+        per_token = self.seconds_per(kind)
         margin = self.error_margin(kind)
         room = within_s - self.predict(base) - fixed_s - margin
         if room <= 0:

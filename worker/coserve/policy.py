@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from flexllm.worker.coserve.latency import FEATURES, IterationShape, LatencyModel
+from flexllm.worker.coserve.latency import IterationShape, LatencyModel
 from flexllm.worker.engine.demand import InferenceDemand
 from flexllm.worker.options import POLICIES, SLO
 
@@ -161,7 +161,7 @@ class HybridScheduler:
         # a unit's own pass (a backward's backpropagation, or any unit with no inference forward to
         # ride) has a fixed cost; so has a forward chunk fused into the inference forward, a smaller one
         own_pass = kind == "finetune_backward_tokens" or scheduled.inference_tokens == 0
-        unit_s = self.latency.coef[1 + FEATURES.index("finetune_units" if own_pass else "finetune_riders")]
+        unit_s = self.latency.seconds_per("finetune_units" if own_pass else "finetune_riders")
         tokens = self.latency.max_extra_tokens(scheduled, target, kind, cap, fixed_s=unit_s)
         if scheduled.inference_tokens and not self._trains_as_fast_as_alone(tokens, kind, unit_s):
             return 0
@@ -184,9 +184,9 @@ class HybridScheduler:
         there is), where fine-tuning runs full units: lending below that rate trains less in all. On 2 CPU
         cores a backward unit of a few tokens next to a decode costs a whole pass of its own; on a GPU's
         memory-bound decode riders cost little, and near saturation there is no idle time to lose."""
-        per_token = self.latency.coef[1 + FEATURES.index(kind)]
+        per_token = self.latency.seconds_per(kind)
         full = self.max_finetune_tokens
-        alone_s = self.latency.coef[0] + self.latency.coef[1 + FEATURES.index("finetune_units")] + full * per_token
+        alone_s = self.latency.seconds_per("intercept") + self.latency.seconds_per("finetune_units") + full * per_token
         return tokens * alone_s >= self.idle_share * full * (unit_s + tokens * per_token)
 
 
