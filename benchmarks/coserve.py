@@ -31,6 +31,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see worker/__init__.py
@@ -62,19 +63,21 @@ def runner_for(engine: LLMEngine, adapter_root: Path) -> FinetuneRunner:
 
 
 def run_system(engine: LLMEngine, latency: LatencyModel, slo: SLO, policy: str, trace: list[Arrival],
-               duration: float, temporal_period: int = 4, with_finetune: bool = True) -> dict:
-    """Replay ``trace`` in real time; fine-tuning is counted until ``duration``, requests until drained."""
+               duration: float, temporal_period: int = 4, with_finetune: bool = True, run: str = "") -> dict:
+    """Replay ``trace`` in real time; fine-tuning is counted until ``duration``, requests until drained.
+    ``run`` names this replay: its prompts are its own, so no system is served from the prefix cache
+    that an earlier one filled with the same trace."""
     co = CoServingEngine(engine, slo, policy, MAX_FINETUNE_TOKENS, temporal_period, copy.deepcopy(latency))
     with tempfile.TemporaryDirectory() as adapters:
         if with_finetune:
             co.add_job("bench", runner_for(engine, Path(adapters)))
-        return replay(co, trace, duration, prompt_ids, WallClock().idle_until)
+        return replay(co, trace, duration, partial(prompt_ids, run, engine.vocab_size), WallClock().idle_until)
 
 
-def prompt_ids(index: int, arrival: Arrival) -> list[int]:
-    """Token ids for a trace request (only the lengths come from the trace)."""
-    rng = random.Random(index)
-    return [rng.randrange(100, 40000) for _ in range(arrival.prompt_tokens)]
+def prompt_ids(run: str, vocab_size: int, index: int, arrival: Arrival) -> list[int]:
+    """Token ids for a trace request of replay ``run`` (only the lengths come from the trace)."""
+    rng = random.Random(f"{run}/{index}")
+    return [rng.randrange(100, vocab_size) for _ in range(arrival.prompt_tokens)]
 
 
 def separate_child(args) -> None:
@@ -240,7 +243,7 @@ def main() -> None:
             trace = make_trace(trace_kind, rate, duration, args.seed, args.length_scale)
             for policy, period in systems:
                 row = run_system(engine, latency, slo, policy, trace, duration, period,
-                                 with_finetune=policy != "inference-only")
+                                 with_finetune=policy != "inference-only", run=f"{trace_kind}/{rate}/{policy}/{period}")
                 row.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
                 rows.append(row)
                 print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "

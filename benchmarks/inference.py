@@ -37,7 +37,7 @@ def workload(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[i
 
 def run_engine(model: str, prompts, lengths, max_tokens_per_batch: int) -> tuple[float, int]:
     engine = LLMEngine(model=model, max_tokens_per_batch=max_tokens_per_batch, dtype="float32", device="cpu")
-    engine.generate([prompts[0]], SamplingParams(max_tokens=2))  # warm-up
+    engine.generate([[t - 1 for t in prompts[0]]], SamplingParams(max_tokens=2))  # warm-up (no prefix shared)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
     start = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=True)

@@ -9,7 +9,7 @@ import torch
 
 from flexllm.worker.coserve.engine import CoServingEngine
 from flexllm.worker.coserve.latency import LatencyModel
-from flexllm.worker.coserve.policy import SLO
+from flexllm.worker.coserve.policy import SLO, measure_speed
 from flexllm.worker.engine.llm_engine import LLMEngine
 from flexllm.worker.engine.sampling import SamplingParams
 from flexllm.worker.finetune.runner import FinetuneRunner, train
@@ -44,6 +44,17 @@ def tight_latency() -> LatencyModel:
     model = LatencyModel(refit_every=10**9)
     model.coef = [0.001, 0.001, 0.0, 0.002, 0.004, 0.0, 0.0]
     return model
+
+
+def test_start_up_timings_compute_every_prompt_token(tiny_llama_dir):
+    """``profile`` and ``measure_speed`` time prefills: one served from the prefix cache times work
+    that never ran, and every SLO and budget derived from it would be too tight."""
+    engine = engine_for(tiny_llama_dir)
+    assert engine.block_manager.enable_caching
+    CoServingEngine(engine, SLO(ttft_s=60, tpot_s=0.5)).profile()
+    measure_speed(engine)
+    assert engine.block_manager.query_tokens > 0
+    assert engine.block_manager.hit_tokens == 0
 
 
 def test_coserved_job_matches_the_job_trained_alone(tiny_llama_dir, dataset, tmp_path):

@@ -159,9 +159,9 @@ class CoServingEngine:
         refitted once fine-tuning runs)."""
         params = SamplingParams(max_tokens=1)
         vocab = self.engine.vocab_size
-        for n in _profile_lengths(self.engine) * 2:
-            began = self.clock()
-            self.engine.generate([[(100 + i) % vocab for i in range(n)]], params)
+        for sample, n in enumerate(_profile_lengths(self.engine) * 2):
+            began = self.clock()  # (each prompt starts on its own token: a prefix-cache hit would time nothing)
+            self.engine.generate([[(100 + sample + i) % vocab for i in range(n)]], params)
             self.latency.samples.append((IterationShape(inference_tokens=n).vector(), self.clock() - began))
         self.latency.fit()
         per_token, per_pass = self.latency.coef[1], self.latency.coef[0]

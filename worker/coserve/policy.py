@@ -45,14 +45,14 @@ def measure_speed(engine) -> MachineSpeed:
     ``LLMEngine`` (after a warm-up)."""
     from flexllm.worker.engine.sampling import SamplingParams
 
-    token = min(101, len(engine.tokenizer) - 1)
+    token = min(101, len(engine.tokenizer) - 1)  # each prompt its own token: no prefix-cache hits
     n = min(128, engine.max_model_len // 2)
-    engine.generate([[token] * 16], SamplingParams(max_tokens=4))
+    engine.generate([[token - 1] * 16], SamplingParams(max_tokens=4))
     began = time.perf_counter()
     engine.generate([[token] * n], SamplingParams(max_tokens=1))
     prefill = time.perf_counter() - began
     began = time.perf_counter()
-    engine.generate([[token] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
+    engine.generate([[token - 2] * 8], SamplingParams(max_tokens=33, ignore_eos=True))
     return MachineSpeed(prefill, (time.perf_counter() - began) / 33, n)
 
 
