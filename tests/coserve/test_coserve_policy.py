@@ -160,16 +160,22 @@ def test_finetuning_falls_to_zero_under_a_spike_and_takes_everything_when_idle()
 
 
 def test_baseline_policies():
-    busy = InferenceDemand(decodes=4, prefill_tokens=100)
+    """The baselines differ from co-serving only in how fine-tuning gets its turn: inference alone, and
+    temporal sharing's inference turns, chunk prefills to the same SLO-aware budget (a full 256-token
+    chunk next to running decodes misses their TPOT where prefill is compute-bound)."""
+    busy = InferenceDemand(decodes=4, prefill_tokens=100, min_tpot_slack_s=0.02)
+    paced = scheduler().inference_budget(busy, True)
+    assert 4 < paced < 104
     only_inf = scheduler(policy="inference-only")
-    assert only_inf.inference_budget(busy, True) == 256
+    assert only_inf.inference_budget(busy, True) == paced
+    assert only_inf.inference_budget(InferenceDemand(prefill_tokens=300), True) == 256  # no decodes to keep
     assert only_inf.finetune_budget(IterationShape(inference_tokens=104), "finetune_forward_tokens", False) == 0
     only_ft = scheduler(policy="finetune-only")
     assert only_ft.inference_budget(busy, True) == 0
     assert only_ft.finetune_budget(IterationShape(), "finetune_forward_tokens", False) == 512
     temporal = scheduler(policy="temporal", temporal_period=3)
     budgets = [temporal.inference_budget(busy, True) for _ in range(6)]
-    assert budgets == [256, 256, 0, 256, 256, 0]
+    assert budgets == [paced, paced, 0, paced, paced, 0]
     turn = temporal.finetune_budget(IterationShape(), "finetune_forward_tokens", False)
     assert turn == int((SLO_50MS.tpot_s * 0.85 - 0.010) / 0.0001)  # a turn lasts one iteration's target
     assert temporal.finetune_budget(IterationShape(inference_tokens=104), "finetune_forward_tokens", False) == 0
