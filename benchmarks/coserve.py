@@ -17,7 +17,11 @@ as they are. The defaults, 0.75 and 1 (about 0.65 and 0.85 req/s on a quiet mach
 inference alone keeps the engine busy 40-70 % of the time, the load FlexLLM is built for), at least
 40 requests per system (an attainment resolves to 0.025; 12 requests, as before, turned one miss
 into 0.92) from a window of the Azure trace arriving at its mean rate, temporal sharing at 3
-frequencies, take about 14 minutes on a quiet 2-core machine, so the benchmark can be run twice.
+frequencies, take 15-30 minutes on a 2-core machine, so the benchmark can be run twice. Each trace
+is replayed in ``--slices`` consecutive slices, every system taking a slice in turn: this machine's
+speed drifts by up to 2x over minutes (neighbours), and systems run one after the other for 2-3
+minutes each measured the drift more than the systems. Every replay has its own prompts (a system
+served from the prefix cache another one filled with the same trace would skip its prefills).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see worker/__init__.py
 import torch  # noqa: E402
 from common import RESULTS, print_table, write_json
-from replay import ITERATION_COLUMNS, WallClock, replay
+from replay import ITERATION_COLUMNS, WallClock, combine, replay, slices
 from traces import CPU_LENGTH_SCALE, TRACES, Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
@@ -220,6 +224,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=float, default=40.0,
                         help="low rates run longer: duration >= min_requests / rate")
     parser.add_argument("--temporal-periods", default="4,8,16")
+    parser.add_argument("--slices", type=int, default=4,
+                        help="each trace is replayed in this many slices, every system taking a slice in turn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="coserve", help="results/NAME.json, NAME_iterations.json, NAME_*.png")
     parser.add_argument("--child", choices=["inference", "finetune"])
@@ -252,9 +258,16 @@ def main() -> None:
             rate = load * unit
             duration = max(args.duration, args.min_requests / rate)  # enough requests for an attainment
             trace = make_trace(trace_kind, rate, duration, args.seed, args.length_scale)
-            for policy, period in systems:
-                row = run_system(engine, latency, slo, policy, trace, duration, period,
-                                 with_finetune=policy != "inference-only", run=f"{trace_kind}/{rate}/{policy}/{period}")
+            parts = slices(trace, duration, args.slices)
+            replays = {system: [] for system in systems}
+            for i, (part, slice_s) in enumerate(parts):  # round-robin: a drifting machine slows all alike
+                print(f"{trace_kind} {rate:.3f} slice {i + 1}/{len(parts)}: {len(part)} requests", flush=True)
+                for policy, period in systems:
+                    replays[policy, period].append(run_system(
+                        engine, latency, slo, policy, part, slice_s, period, with_finetune=policy != "inference-only",
+                        run=f"{trace_kind}/{rate}/{policy}/{period}/{i}"))
+            for (policy, period), parts_replayed in replays.items():
+                row = combine(parts_replayed, duration / args.slices)
                 row.update(trace=trace_kind, rate=rate, load=load, duration_s=duration)
                 rows.append(row)
                 print(f"{trace_kind} {rate} {policy}/{period}: attainment {row['slo_attainment']:.2f}, "
@@ -279,7 +292,7 @@ def main() -> None:
                                   "finetune_only_tokens_per_s": ft_only, "coserve_idle_tokens_per_s": idle,
                                   "duration_s": args.duration, "latency_model": latency.coef,
                                   "setup": {"seed": args.seed, "length_scale": args.length_scale,
-                                            "rate_unit": args.rate_unit,
+                                            "rate_unit": args.rate_unit, "slices": args.slices,
                                             "max_finetune_tokens": MAX_FINETUNE_TOKENS,
                                             "max_tokens_per_batch": engine.config.max_tokens_per_batch,
                                             "max_num_seqs": engine.config.max_num_seqs,

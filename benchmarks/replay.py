@@ -69,3 +69,30 @@ def replay(co: CoServingEngine, trace: list[Arrival], duration_s: float, prompt:
             "finetune_tokens_per_s": ft_tokens / duration_s, "inference_tokens_per_s": inf_tokens / duration_s,
             "idle_fraction": max(0.0, 1.0 - busy_s / duration_s), "timeline": timeline,
             "iterations": iterations}
+
+
+def slices(trace: list[Arrival], duration_s: float, count: int) -> list[tuple[list[Arrival], float]]:
+    """``trace`` cut into ``count`` consecutive slices of ``duration_s / count`` seconds, each rebased to
+    start at 0 (``coserve.py`` runs its systems round-robin, a slice each, so that a machine whose speed
+    drifts over the quarter hour slows every system alike)."""
+    width = duration_s / count
+    return [([Arrival(a.time_s - i * width, a.prompt_tokens, a.output_tokens) for a in trace
+              if i * width <= a.time_s < (i + 1) * width or (i == count - 1 and a.time_s >= duration_s)], width)
+            for i in range(count)]
+
+
+def combine(results: list[dict], slice_s: float) -> dict:
+    """One system's replays of a trace's consecutive ``slice_s``-second slices (``slices``) as one replay."""
+    requests = sum(r["requests"] for r in results)
+    offsets = [0.0]
+    for r in results[:-1]:  # a slice's requests drain past its end: the next one starts after them
+        offsets.append(offsets[-1] + max([slice_s, *(t for t, *_ in r["timeline"][-1:])]))
+    mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
+    return {**results[0], "requests": requests,
+            "slo_attainment": sum(r["slo_attainment"] * r["requests"] for r in results) / requests if requests else 1.0,
+            **{k: sum(r[k] for r in results) for k in ("ttft_missed", "tpot_missed")},
+            **{k: max(r[k] for r in results) for k in ("worst_ttft_vs_slo", "worst_tpot_vs_slo")},
+            **{k: mean(k) for k in ("finetune_tokens_per_s", "inference_tokens_per_s", "idle_fraction")},
+            "timeline": [(round(t + offset, 3), *rest) for r, offset in zip(results, offsets, strict=True)
+                         for t, *rest in r["timeline"]],
+            "iterations": [it for r in results for it in r["iterations"]]}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from common import RESULTS, print_table, write_json
 from costmodel import GPUS, MODELS, MeasuredCost, RooflineCost, Work
-from replay import replay
+from replay import combine, replay, slices
 from traces import Arrival, make_trace
 
 from flexllm.worker.coserve.engine import CoServingEngine
@@ -248,16 +248,21 @@ def validate(fit_on: str, check: list[str], seeds: int = 3) -> dict:
                   {**idle, "policy": "coserve", "finetune_tokens_per_s": real["coserve_idle_tokens_per_s"]}]
         checks += [r for r in real["rows"] if r["policy"] != "separate"]  # the split runs two processes
         for row in checks:
-            trace = [] if row["trace"] == "none" else make_trace(row["trace"], row["rate"], row["duration_s"],
-                                                                 setup["seed"], setup["length_scale"])
+            # as the real run replayed it: the trace in slices (the idle runs in halves), each from the
+            # run's start-up latency profile and a fresh job
+            parts = [([], row["duration_s"] / 2)] * 2 if row["trace"] == "none" else slices(
+                make_trace(row["trace"], row["rate"], row["duration_s"], setup["seed"], setup["length_scale"]),
+                row["duration_s"], setup.get("slices", 1))
             sims = []
             for seed in range(seeds):
-                latency = LatencyModel()
-                latency.coef = list(real["latency_model"])  # the run's start-up profile
-                sims.append(simulate(MeasuredCost(cost.coef, cost.noise, seed), slo, row["policy"], trace,
-                                     row["duration_s"], config, setup["max_finetune_tokens"],
-                                     row["temporal_period"] or 4, batch_tokens=setup["batch_tokens"],
-                                     latency=latency, job_shape=job))
+                cost_draws, replays = MeasuredCost(cost.coef, cost.noise, seed), []
+                for part, slice_s in parts:
+                    latency = LatencyModel()
+                    latency.coef = list(real["latency_model"])
+                    replays.append(simulate(cost_draws, slo, row["policy"], part, slice_s, config,
+                                            setup["max_finetune_tokens"], row["temporal_period"] or 4,
+                                            batch_tokens=setup["batch_tokens"], latency=latency, job_shape=job))
+                sims.append(combine(replays, parts[0][1]))
             sim = {key: sum(s[key] for s in sims) / seeds for key in ("finetune_tokens_per_s", "slo_attainment")}
             real_ft = row["finetune_tokens_per_s"]
             rows.append({"run": name, "trace": row["trace"], "rate": row["rate"], "policy": row["policy"],

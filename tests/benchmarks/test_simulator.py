@@ -112,3 +112,29 @@ def test_simulated_finetune_only_and_light_load_follow_the_cost_model(bench):
     assert co["slo_attainment"] == only["slo_attainment"] == 1.0 and co["requests"] == 20
     assert 0 < co["finetune_tokens_per_s"] <= alone["finetune_tokens_per_s"] * 1.05
     assert only["finetune_tokens_per_s"] == 0.0
+
+
+def test_a_trace_replayed_in_slices_is_the_whole_trace_once(bench):
+    _, _, traces = bench
+    import replay
+
+    trace = traces.make_trace("azure", 0.5, 80.0, length_scale=1 / 16)
+    parts = replay.slices(trace, 80.0, 4)
+    assert [width for _, width in parts] == [20.0] * 4
+    assert [(a.prompt_tokens, a.output_tokens) for part, _ in parts for a in part] == \
+        [(a.prompt_tokens, a.output_tokens) for a in trace]
+    assert all(0 <= a.time_s < 20.0 for part, _ in parts for a in part)
+
+    def result(requests, attainment, ft, end_s):
+        return {"policy": "coserve", "requests": requests, "slo_attainment": attainment, "ttft_missed": 0,
+                "tpot_missed": requests - round(attainment * requests), "worst_ttft_vs_slo": 0.5,
+                "worst_tpot_vs_slo": attainment and 1 / attainment, "finetune_tokens_per_s": ft,
+                "inference_tokens_per_s": 1.0, "idle_fraction": 0.2, "timeline": [(0.0, 1, 0), (end_s, 1, 0)],
+                "iterations": [[1]]}
+
+    whole = replay.combine([result(10, 1.0, 30.0, 25.0), result(30, 0.9, 10.0, 5.0)], 20.0)
+    assert whole["requests"] == 40 and whole["tpot_missed"] == 3
+    assert whole["slo_attainment"] == pytest.approx(37 / 40)
+    assert whole["finetune_tokens_per_s"] == 20.0  # slices of equal length: the mean rate
+    assert [t for t, *_ in whole["timeline"]] == [0.0, 25.0, 25.0, 30.0]  # the next slice after the drain
+    assert whole["iterations"] == [[1], [1]]
