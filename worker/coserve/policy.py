@@ -123,7 +123,7 @@ class HybridScheduler:
         chunks prefills to what keeps the running requests on their TPOT pace (and the waiting ones
         on their TTFT): the baselines differ from co-serving only in how fine-tuning gets its turn. A
         full chunk beside running decodes costs ~10x a decode step where prefill is compute-bound
-        (a CPU): inference alone at the full budget missed 1 TPOT in 3 at 0.75x the serial rate."""
+        (a CPU): inference alone at the full budget missed the SLOs of 1 request in 3 at 0.75x the serial rate."""
         self.iteration += 1
         full = self.max_tokens_per_batch
         if self.policy == "finetune-only" or (self.policy == "temporal" and has_finetune and self._finetune_turn()):
