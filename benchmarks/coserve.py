@@ -85,9 +85,7 @@ def run_idle(engine: LLMEngine, latency: LatencyModel, slo: SLO, duration: float
     halves = {"finetune-only": [], "coserve": []}
     for policy in ("finetune-only", "coserve", "coserve", "finetune-only"):
         halves[policy].append(run_system(engine, latency, slo, policy, [], duration / 2))
-    return tuple({"policy": policy, "temporal_period": None, "slo_attainment": 1.0, "requests": 0,
-                  "finetune_tokens_per_s": sum(h["finetune_tokens_per_s"] for h in runs) / len(runs),
-                  "iterations": [it for h in runs for it in h["iterations"]]} for policy, runs in halves.items())
+    return tuple(combine(runs, duration / 2) for runs in halves.values())
 
 
 def prompt_ids(run: str, vocab_size: int, index: int, arrival: Arrival) -> list[int]:
